@@ -308,7 +308,11 @@ def _parse_statement(payload: bytes, hint: str | None) -> VerifiedStatement:
     if not isinstance(predicate, dict):
         raise VerificationError("the statement has no predicate")
     ser = predicate.get("serialization")
-    if not isinstance(ser, dict) or ser.get("method") != "files" or ser.get("hash_type") != ALGORITHM:
+    if (
+        not isinstance(ser, dict)
+        or ser.get("method") != "files"
+        or ser.get("hash_type") != ALGORITHM
+    ):
         raise VerificationError("only 'files' serialization with sha256 is supported")
     try:
         resources = validate_resources(predicate.get("resources"), max_resources=10_000_000)  # type: ignore[arg-type]

@@ -176,7 +176,9 @@ def validate_resources(items: Sequence[object], *, max_resources: int) -> list[R
         seen[normal] = i
         out.append(Resource(name=name, digest=digest))
     if len(out) > 1 and any(r.name == "." for r in out):
-        raise ManifestError("'.' (a single-file model) must be the only resource", field="resources")
+        raise ManifestError(
+            "'.' (a single-file model) must be the only resource", field="resources"
+        )
     _check_no_file_is_a_directory(out)
     return sort_resources(out)
 

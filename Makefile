@@ -1,0 +1,66 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VAR_DIR ?= $(CURDIR)/var
+PORT ?= 8000
+HOST ?= 127.0.0.1
+APT_PACKAGES := softhsm2 redis-server
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export VAR_DIR
+
+.PHONY: run test lint check pytest system-deps deps migrate bootstrap clean help
+
+help:
+	@echo "make run    start the service on http://$(HOST):$(PORT) with local SoftHSM keys"
+	@echo "make test   lint and run the whole test suite"
+
+## Debian packages: the HSM (SoftHSM2) and the broker (Redis).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[server,dev]'
+	@touch $@
+
+deps: system-deps $(VENV)/.installed
+
+migrate: deps
+	@mkdir -p $(VAR_DIR)
+	$(PY) manage.py migrate --noinput -v 0
+
+bootstrap: migrate
+	$(PY) manage.py bootstrap_local_keys
+
+run: bootstrap
+	@$(PY) manage.py collectstatic --noinput -v 0
+	@echo
+	@echo "  Model signing service: http://$(HOST):$(PORT)/api/v1/docs/"
+	@echo "  Public keys:           http://$(HOST):$(PORT)/api/v1/keys/"
+	@echo "  Get a CI token:        $(PY) manage.py create_api_token ml-platform-ci@company.com --authority staging"
+	@echo "  Sign a model:          $(VENV)/bin/modelsign sign ./my-model --server http://$(HOST):$(PORT) --environment staging --token <token>"
+	@echo
+	exec $(VENV)/bin/gunicorn signing_service.wsgi:application -c deploy/gunicorn.conf.py --bind $(HOST):$(PORT)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+	MODELSIGN_ENV=production SECRET_KEY="$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(64))')" \
+	  ALLOWED_HOSTS=signing.example.com $(PY) manage.py check --deploy --fail-level WARNING
+
+pytest: deps
+	$(PY) -m pytest
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) $(VAR_DIR)

@@ -1,0 +1,80 @@
+"""Signing keys and their state machine (SPEC section 5).
+
+A ``SigningKey`` row never holds private material: ``key_ref`` is the backend's reference
+(PKCS#11 token + key id, Vault key name + pinned version).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class KeyState(models.TextChoices):
+    PENDING = "pending"
+    ACTIVE = "active"
+    TRANSITION = "transition"
+    RETIRED = "retired"
+    REVOKED = "revoked"
+
+
+class KeyBackendName(models.TextChoices):
+    PKCS11 = "pkcs11"
+    VAULT = "vault"
+    SIGSTORE = "sigstore"
+
+
+class SigningKeyQuerySet(models.QuerySet["SigningKey"]):
+    def active_for(self, authority: str, at: datetime | None = None) -> SigningKey | None:
+        """The one key that may sign for ``authority`` now, or None."""
+        at = at or timezone.now()
+        return (
+            self.filter(authority=authority, state=KeyState.ACTIVE, not_before__lte=at)
+            .filter(Q(not_after__isnull=True) | Q(not_after__gt=at))
+            .first()
+        )
+
+
+class SigningKey(models.Model):
+    authority = models.CharField(max_length=64, db_index=True)
+    backend = models.CharField(max_length=16, choices=KeyBackendName.choices)
+    key_ref = models.JSONField(help_text="The backend's reference to the key; never key material.")
+    algorithm = models.CharField(max_length=16, default="ECDSA-P256")
+    public_key_pem = models.TextField()
+    hint = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the public key PEM")
+    state = models.CharField(max_length=16, choices=KeyState.choices, default=KeyState.PENDING)
+    not_before = models.DateTimeField(default=timezone.now)
+    not_after = models.DateTimeField(null=True, blank=True)
+    attributes = models.JSONField(default=dict, blank=True, help_text="What was checked on the key")
+    created_at = models.DateTimeField(auto_now_add=True)
+    activated_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revocation_effective_at = models.DateTimeField(null=True, blank=True)
+    revocation_reason = models.CharField(max_length=64, blank=True)
+
+    objects = SigningKeyQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["authority"],
+                condition=Q(state="active"),
+                name="one_active_key_per_authority",
+            )
+        ]
+        ordering = ["authority", "-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.authority}/{self.hint[:12]} ({self.state})"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.hint[:16]
+
+    def can_sign(self, at: datetime | None = None) -> bool:
+        at = at or timezone.now()
+        in_window = self.not_before <= at and (self.not_after is None or at < self.not_after)
+        return self.state == KeyState.ACTIVE and in_window

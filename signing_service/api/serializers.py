@@ -1,0 +1,157 @@
+"""API v1 serializers: one for what a CI job writes, one for what it reads back."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from django.conf import settings
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.request import Request
+
+from keys.models import SigningKey
+from signing_service.manifest import ManifestError, check_ignore_path, validate_resources
+from signing_service.models import SigningRequest
+from signing_service.signing import Submission
+
+
+def _safe_text(value: str) -> str:
+    """Text that shows as what it is: no control, format (bidi) or separator characters."""
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            raise serializers.ValidationError(
+                f"contains a control or formatting character U+{ord(ch):04X}"
+            )
+    if value != value.strip():
+        raise serializers.ValidationError("has leading or trailing white space")
+    return value
+
+
+def _text(max_length: int, **kwargs: Any) -> serializers.CharField:
+    return serializers.CharField(
+        max_length=max_length, trim_whitespace=False, validators=[_safe_text], **kwargs
+    )
+
+
+class ResourceSchema(serializers.Serializer):
+    name = serializers.CharField(help_text="POSIX path relative to the model root ('.' for a file)")
+    algorithm = serializers.ChoiceField(choices=["sha256"], default="sha256")
+    digest = serializers.RegexField(r"^[0-9a-f]{64}$", help_text="lowercase hex SHA-256")
+
+
+class CiSerializer(serializers.Serializer):
+    repository = _text(255, required=False)
+    commit = _text(64, required=False)
+    ref = _text(255, required=False)
+    pipeline_url = serializers.URLField(max_length=2048, required=False)
+    actor = _text(255, required=False)
+
+
+class StrictSerializer(serializers.Serializer):
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError(
+                    {name: ["is not a known field"] for name in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+class SigningRequestCreateSerializer(StrictSerializer):
+    model = _text(255, help_text="Model name; becomes the statement's subject name")
+    version = _text(128, help_text="Model version, e.g. a release tag or commit")
+    environment = _text(64, help_text="Signing authority from the policy, e.g. staging")
+    resources = serializers.JSONField(help_text="[{name, algorithm, digest}] for every file")
+    ignore_paths = serializers.ListField(
+        child=serializers.CharField(trim_whitespace=False), required=False, max_length=1000
+    )
+    ci = CiSerializer(required=False)
+
+    @extend_schema_field(ResourceSchema(many=True))
+    def validate_resources(self, value: Any) -> Any:
+        try:
+            return validate_resources(value, max_resources=settings.MAX_RESOURCES)
+        except ManifestError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate_ignore_paths(self, value: list[str]) -> list[str]:
+        out = []
+        for i, path in enumerate(value):
+            try:
+                out.append(check_ignore_path(path))
+            except ManifestError as exc:
+                raise serializers.ValidationError(f"[{i}] {exc}") from None
+        return out
+
+    def to_submission(self) -> Submission:
+        data = self.validated_data
+        return Submission(
+            model=data["model"],
+            version=data["version"],
+            environment=data["environment"],
+            resources=data["resources"],
+            ignore_paths=data.get("ignore_paths", []),
+            ci=dict(data.get("ci", {})),
+        )
+
+
+def absolute(request: Request, path: str) -> str:
+    base = settings.PUBLIC_URL
+    return f"{base}{path}" if base else request.build_absolute_uri(path)
+
+
+class KeySummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SigningKey
+        fields = ["id", "authority", "algorithm", "hint", "state"]
+
+
+class SigningRequestSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model_name")
+    version = serializers.CharField(source="model_version")
+    environment = serializers.CharField(source="authority")
+    resource_count = serializers.SerializerMethodField()
+    approvals = serializers.SerializerMethodField()
+    key = serializers.SerializerMethodField()
+    links = serializers.SerializerMethodField()
+
+    class Meta:
+        model = SigningRequest
+        fields = [
+            "id", "state", "model", "version", "environment", "requester", "actor", "ci",
+            "root_digest", "statement_digest", "resource_count", "approvals", "key",
+            "failure_reason", "created_at", "updated_at", "expires_at", "signed_at", "links",
+        ]  # fmt: skip
+
+    def get_resource_count(self, obj: SigningRequest) -> int:
+        return len(obj.resources)
+
+    @extend_schema_field(serializers.DictField())
+    def get_approvals(self, obj: SigningRequest) -> dict[str, int]:
+        return {"required": obj.required_approvals, "received": 0}
+
+    @extend_schema_field(KeySummarySerializer(allow_null=True))
+    def get_key(self, obj: SigningRequest) -> dict[str, Any] | None:
+        sig = obj.valid_signature()
+        return KeySummarySerializer(sig.key).data if sig else None
+
+    @extend_schema_field(serializers.DictField())
+    def get_links(self, obj: SigningRequest) -> dict[str, str | None]:
+        request = self.context["request"]
+        return {
+            "self": absolute(request, reverse("api-v1:signing-request", args=[obj.id])),
+            "bundle": absolute(request, reverse("api-v1:signing-request-bundle", args=[obj.id])),
+            "approval_page": None,
+        }
+
+
+class SigningKeySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SigningKey
+        fields = [
+            "id", "authority", "algorithm", "hint", "public_key_pem", "state", "backend",
+            "not_before", "not_after", "revoked_at", "revocation_effective_at",
+        ]  # fmt: skip

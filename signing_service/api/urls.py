@@ -1,0 +1,24 @@
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from signing_service.api import views
+
+app_name = "api-v1"
+
+urlpatterns = [
+    path("signing-requests/", views.SigningRequestCreateView.as_view(), name="signing-requests"),
+    path(
+        "signing-requests/<uuid:pk>/",
+        views.SigningRequestDetailView.as_view(),
+        name="signing-request",
+    ),
+    path(
+        "signing-requests/<uuid:pk>/bundle",
+        views.SigningRequestBundleView.as_view(),
+        name="signing-request-bundle",
+    ),
+    path("keys/", views.KeyListView.as_view(), name="keys"),
+    path("keys/<str:hint>.pem", views.KeyPemView.as_view(), name="key-pem"),
+    path("schema/", SpectacularAPIView.as_view(api_version="1"), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-v1:schema"), name="docs"),
+]

@@ -1,0 +1,26 @@
+from django.apps import AppConfig
+from django.core.exceptions import ImproperlyConfigured
+
+
+class SigningServiceConfig(AppConfig):
+    name = "signing_service"
+    verbose_name = "Model signing"
+
+    def ready(self) -> None:
+        from django.core.signals import setting_changed
+
+        from signing_service.policy import PolicyError, current_policy
+
+        # An invalid policy must stop the service at start-up, not at the first request.
+        try:
+            current_policy()
+        except PolicyError as exc:
+            raise ImproperlyConfigured(f"signing policy is invalid: {exc}") from None
+        setting_changed.connect(_reset_policy)
+
+
+def _reset_policy(*, setting: str, **kwargs: object) -> None:
+    if setting == "SIGNING_POLICY_FILE":
+        from signing_service.policy import current_policy
+
+        current_policy.cache_clear()

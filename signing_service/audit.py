@@ -1,0 +1,134 @@
+"""The append-only, hash-chained audit log.
+
+Each entry's hash covers its own fields and the previous entry's hash, so editing, removing
+or reordering any entry breaks the chain from that point on. The head row records the last
+sequence number and hash, so removing entries from the end is detected too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from signing_service.models import AuditEntry, AuditHead
+
+GENESIS = "0" * 64
+
+
+def entry_hash(
+    *,
+    seq: int,
+    created_at: str,
+    actor: str,
+    action: str,
+    target_type: str,
+    target_id: str,
+    data: Any,
+    prev_hash: str,
+) -> str:
+    body = {
+        "seq": seq,
+        "created_at": created_at,
+        "actor": actor,
+        "action": action,
+        "target_type": target_type,
+        "target_id": target_id,
+        "data": data,
+        "prev_hash": prev_hash,
+    }
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def record(
+    actor: str, action: str, *, target: Any = None, data: dict[str, Any] | None = None
+) -> AuditEntry:
+    """Append an entry. Must run inside the transaction that makes the change it records."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("audit.record must be called inside the transaction it records")
+    # The head row lock makes concurrent appenders take turns, so seq has no gaps or forks.
+    head = AuditHead.objects.select_for_update().get(pk=1)
+    now = timezone.now()
+    fields = {
+        "seq": head.seq + 1,
+        "created_at": now.isoformat(),
+        "actor": actor,
+        "action": action,
+        "target_type": type(target).__name__ if target is not None else "",
+        "target_id": str(target.pk) if target is not None else "",
+        "data": json.loads(json.dumps(data or {}, default=str)),
+        "prev_hash": head.entry_hash,
+    }
+    digest = entry_hash(**fields)
+    fields["created_at"] = now
+    entry = AuditEntry.objects.create(entry_hash=digest, **fields)
+    AuditHead.objects.filter(pk=1).update(seq=entry.seq, entry_hash=digest)
+    return entry
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    seq: int
+    message: str
+
+
+def verify_chain(batch_size: int = 2000) -> tuple[int, AuditProblem | None]:
+    """Walk the whole chain; return (entries checked, first problem or None)."""
+    expected_seq, prev = 1, GENESIS
+    for entry in _iterate(batch_size):
+        if entry.seq != expected_seq:
+            return expected_seq - 1, AuditProblem(
+                expected_seq, f"entry {expected_seq} is missing (next entry is {entry.seq})"
+            )
+        if entry.prev_hash != prev:
+            return expected_seq - 1, AuditProblem(
+                entry.seq, f"entry {entry.seq} does not link to entry {entry.seq - 1}"
+            )
+        if _recompute(entry) != entry.entry_hash:
+            return expected_seq - 1, AuditProblem(
+                entry.seq, f"entry {entry.seq} was modified (its hash does not match its contents)"
+            )
+        prev, expected_seq = entry.entry_hash, expected_seq + 1
+    return expected_seq - 1, _check_head(expected_seq - 1, prev)
+
+
+def _check_head(last_seq: int, last_hash: str) -> AuditProblem | None:
+    head = AuditHead.objects.get(pk=1)
+    if head.seq != last_seq:
+        return AuditProblem(
+            last_seq + 1,
+            f"the log ends at entry {last_seq} but its head records {head.seq} entries "
+            "(entries were removed from the end)",
+        )
+    if head.entry_hash != last_hash:
+        return AuditProblem(last_seq, f"entry {last_seq} does not match the recorded head hash")
+    return None
+
+
+def _recompute(entry: AuditEntry) -> str:
+    return entry_hash(
+        seq=entry.seq,
+        created_at=entry.created_at.isoformat(),
+        actor=entry.actor,
+        action=entry.action,
+        target_type=entry.target_type,
+        target_id=entry.target_id,
+        data=entry.data,
+        prev_hash=entry.prev_hash,
+    )
+
+
+def _iterate(batch_size: int) -> Iterator[AuditEntry]:
+    last = 0
+    while True:
+        batch = list(AuditEntry.objects.filter(seq__gt=last).order_by("seq")[:batch_size])
+        if not batch:
+            return
+        yield from batch
+        last = batch[-1].seq

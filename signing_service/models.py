@@ -1,0 +1,247 @@
+"""Signing requests, issued signatures, CI API tokens and the audit log."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import datetime
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from keys.models import SigningKey
+from signing_service.manifest import Resource
+
+
+class RequestState(models.TextChoices):
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    SIGNING = "signing"
+    SIGNED = "signed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset(
+    {
+        RequestState.SIGNED,
+        RequestState.REJECTED,
+        RequestState.EXPIRED,
+        RequestState.FAILED,
+        RequestState.CANCELLED,
+    }
+)
+
+
+class SigningRequestQuerySet(models.QuerySet["SigningRequest"]):
+    def visible_to(self, principal: Any) -> SigningRequestQuerySet:
+        """Deny by default: a CI identity sees only its own requests in its token's scope."""
+        identity = getattr(principal, "identity", None)
+        authorities = getattr(principal, "authorities", None)
+        if not identity or not authorities:
+            return self.none()
+        return self.filter(requester=identity, authority__in=list(authorities))
+
+
+class SigningRequest(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    authority = models.CharField(max_length=64)
+    model_name = models.CharField(max_length=255)
+    model_version = models.CharField(max_length=255)
+    resources = models.JSONField(help_text="Sorted [{name, algorithm, digest}] as submitted")
+    ignore_paths = models.JSONField(default=list)
+    root_digest = models.CharField(max_length=64)
+    #: SHA-256 of the canonical base statement; approvals and the signer check this.
+    statement_digest = models.CharField(max_length=64)
+    policy_digest = models.CharField(max_length=64)
+    required_approvals = models.PositiveSmallIntegerField(default=0)
+    state = models.CharField(max_length=20, choices=RequestState.choices)
+    requester = models.CharField(max_length=320, help_text="The verified CI identity")
+    actor = models.CharField(max_length=255, blank=True, help_text="Who triggered the CI job")
+    ci = models.JSONField(default=dict, blank=True, help_text="CI provenance as claimed by the job")
+    api_token = models.ForeignKey(
+        "ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # NULL, not "", for "no key": the unique constraint must not match requests without one.
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    body_digest = models.CharField(max_length=64, help_text="SHA-256 of the canonical request body")
+    failure_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    signed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = SigningRequestQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["requester", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="one_request_per_idempotency_key",
+            )
+        ]
+        indexes = [
+            models.Index(
+                fields=["authority", "state", "-created_at"], name="req_auth_state_created"
+            ),
+            models.Index(
+                fields=["model_name", "authority", "-created_at"], name="req_model_created"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_name}@{self.model_version} -> {self.authority} ({self.state})"
+
+    @property
+    def resource_list(self) -> list[Resource]:
+        return [Resource(**r) for r in self.resources]
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def valid_signature(self) -> Signature | None:
+        return self.signatures.filter(state=SignatureState.VALID).order_by("-signed_at").first()
+
+
+class SignatureState(models.TextChoices):
+    VALID = "valid"
+    SUPERSEDED = "superseded"
+    QUARANTINED = "quarantined"
+
+
+class Signature(models.Model):
+    request = models.ForeignKey(SigningRequest, on_delete=models.PROTECT, related_name="signatures")
+    key = models.ForeignKey(SigningKey, on_delete=models.PROTECT, related_name="signatures")
+    bundle = models.TextField(help_text="The Sigstore bundle JSON, exactly as served")
+    payload_digest = models.CharField(max_length=64, help_text="SHA-256 of the signed statement")
+    state = models.CharField(
+        max_length=16, choices=SignatureState.choices, default=SignatureState.VALID
+    )
+    signed_at = models.DateTimeField(default=timezone.now, db_index=True)
+    supersedes = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="superseded_by"
+    )
+
+    class Meta:
+        constraints = [
+            # A request is signed at most once per key: a retried job cannot publish twice.
+            models.UniqueConstraint(fields=["request", "key"], name="one_signature_per_request_key")
+        ]
+        indexes = [models.Index(fields=["key", "signed_at"], name="sig_key_signed")]
+
+    def __str__(self) -> str:
+        return f"signature {self.pk} of {self.request_id} by {self.key_id} ({self.state})"
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class ApiTokenQuerySet(models.QuerySet["ApiToken"]):
+    def find_usable(self, token: str, at: datetime | None = None) -> ApiToken | None:
+        at = at or timezone.now()
+        found = self.filter(token_hash=_hash_token(token), revoked_at__isnull=True).first()
+        if found is None or (found.expires_at is not None and found.expires_at <= at):
+            return None
+        return found
+
+
+class ApiToken(models.Model):
+    """A CI credential bound to one service identity and scoped to authorities.
+
+    Only the SHA-256 of the token is stored; the token itself is shown once at creation.
+    The token has 256 bits of entropy, so a fast hash is as good as a slow one here.
+    """
+
+    PREFIX = "mst_"
+
+    identity = models.CharField(max_length=320)
+    authorities = models.JSONField(help_text="Authority names this token may sign for")
+    token_id = models.CharField(max_length=16, unique=True, help_text="Public part, for logs")
+    token_hash = models.CharField(max_length=64, unique=True)
+    description = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"{self.token_id} ({self.identity})"
+
+    @classmethod
+    def issue(
+        cls,
+        identity: str,
+        authorities: list[str],
+        expires_at: datetime | None,
+        description: str = "",
+    ) -> tuple[ApiToken, str]:
+        token_id = secrets.token_hex(6)
+        token = f"{cls.PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+        row = cls.objects.create(
+            identity=identity,
+            authorities=sorted(set(authorities)),
+            token_id=token_id,
+            token_hash=_hash_token(token),
+            description=description,
+            expires_at=expires_at,
+        )
+        return row, token
+
+
+class AppendOnlyQuerySet(models.QuerySet["AuditEntry"]):
+    def update(self, **kwargs: Any) -> int:
+        raise PermissionError("the audit log is append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise PermissionError("the audit log is append-only")
+
+
+class AuditEntry(models.Model):
+    """One hash-chained, append-only audit record. See :mod:`signing_service.audit`."""
+
+    seq = models.PositiveBigIntegerField(unique=True)
+    created_at = models.DateTimeField()
+    actor = models.CharField(max_length=320)
+    action = models.CharField(max_length=64, db_index=True)
+    target_type = models.CharField(max_length=64, blank=True)
+    target_id = models.CharField(max_length=64, blank=True, db_index=True)
+    data = models.JSONField(default=dict)
+    prev_hash = models.CharField(max_length=64)
+    entry_hash = models.CharField(max_length=64)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["seq"]
+        verbose_name_plural = "audit entries"
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.action} by {self.actor}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise PermissionError("the audit log is append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise PermissionError("the audit log is append-only")
+
+
+class AuditHead(models.Model):
+    """The chain's head (one row). Locking it serialises appends across processes."""
+
+    seq = models.PositiveBigIntegerField(default=0)
+    entry_hash = models.CharField(max_length=64, default="0" * 64)
+
+    def __str__(self) -> str:
+        return f"audit head #{self.seq}"

@@ -1,0 +1,358 @@
+"""Submitting and signing requests: the rules live here, not in the views.
+
+The flow for one request: :func:`submit` validates authority, scope and signer, stores the
+request bound to the digest of its canonical statement, and audits it in one transaction.
+:func:`sign` claims an approved request with a conditional UPDATE (so two callers cannot
+both sign it), re-checks the digest and the policy, signs outside any transaction (an HSM
+call must not hold database locks), then stores the signature, its audit record and the
+state change in one transaction. Any failure leaves the request ``failed`` with a reason;
+it never falls back to another key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from keys.backends.base import KeyBackend, KeyBackendError
+from keys.models import SigningKey
+from keys.registry import backend_for
+from signing_service import audit, bundle
+from signing_service.manifest import Resource
+from signing_service.models import (
+    ApiToken,
+    RequestState,
+    Signature,
+    SigningRequest,
+)
+from signing_service.policy import Authority, current_policy
+
+
+class SigningRefused(Exception):
+    """A request cannot be accepted or signed; ``code`` and ``status`` map to the API error."""
+
+    def __init__(self, code: str, message: str, status: int = 400, details: Any = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status, self.details = code, message, status, details
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated CI caller: a verified identity and the authorities it may use."""
+
+    identity: str
+    authorities: frozenset[str]
+    token: ApiToken | None = None
+    actor: str = ""
+    is_authenticated: bool = field(default=True, init=False)
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str
+    version: str
+    environment: str
+    resources: list[Resource]
+    ignore_paths: list[str]
+    ci: dict[str, str]
+
+
+# --- statements ------------------------------------------------------------------------
+
+
+def _base_metadata(req: SigningRequest) -> dict[str, Any]:
+    return {
+        "request_id": str(req.id),
+        "authority": req.authority,
+        "model_version": req.model_version,
+        "requester": req.requester,
+    }
+
+
+def base_statement(req: SigningRequest) -> dict[str, Any]:
+    """The statement the request is bound to at creation (no signing-time fields)."""
+    return bundle.build_statement(
+        req.model_name,
+        req.resource_list,
+        ignore_paths=req.ignore_paths,
+        service_metadata=_base_metadata(req),
+    )
+
+
+def statement_digest(req: SigningRequest) -> str:
+    return bundle.payload_digest(bundle.statement_payload(base_statement(req)))
+
+
+def _signed_statement(req: SigningRequest, key: SigningKey, signed_at: str) -> dict[str, Any]:
+    meta = _base_metadata(req) | {
+        "statement_digest": req.statement_digest,
+        "policy_digest": req.policy_digest,
+        "key_hint": key.hint,
+        "signed_at": signed_at,
+        "approvals": [],
+    }
+    return bundle.build_statement(
+        req.model_name, req.resource_list, ignore_paths=req.ignore_paths, service_metadata=meta
+    )
+
+
+def body_digest(sub: Submission) -> str:
+    canonical = {
+        "model": sub.model,
+        "version": sub.version,
+        "environment": sub.environment,
+        "resources": [r.to_json() for r in sub.resources],
+        "ignore_paths": sorted(sub.ignore_paths),
+        "ci": sub.ci,
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+# --- submit ----------------------------------------------------------------------------
+
+
+def authorize(principal: Principal, environment: str) -> Authority:
+    """The authority for ``environment`` if this caller may request signatures from it."""
+    policy = current_policy()
+    authority = policy.authority(environment)
+    if authority is None:
+        known = ", ".join(sorted(policy.authorities))
+        raise SigningRefused(
+            "unknown_environment",
+            f"unknown environment {environment!r}; known: {known}",
+            details={"field": "environment"},
+        )
+    if environment not in principal.authorities:
+        scope = ", ".join(sorted(principal.authorities)) or "none"
+        raise SigningRefused(
+            "token_scope",
+            f"this credential may not sign for {environment!r} (scoped to: {scope})",
+            status=403,
+        )
+    if not authority.allows_signer(principal.identity):
+        raise SigningRefused(
+            "signer_not_authorized",
+            f"identity {principal.identity!r} is not an authorized signer for {environment!r}",
+            status=403,
+        )
+    if authority.backend == "sigstore":
+        raise SigningRefused(
+            "not_supported",
+            f"{environment!r} uses keyless Sigstore signing, which this deployment cannot do yet",
+            status=501,
+        )
+    return authority
+
+
+def submit(
+    principal: Principal, sub: Submission, idempotency_key: str | None
+) -> tuple[SigningRequest, bool]:
+    """Create (or, for a retried Idempotency-Key, return) a request. Returns (request, created)."""
+    authority = authorize(principal, sub.environment)
+    digest = body_digest(sub)
+    if idempotency_key:
+        existing = _replay(principal, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+    try:
+        req = _create(principal, authority, sub, digest, idempotency_key)
+    except IntegrityError:
+        # A concurrent retry with the same key won the insert; answer with its request.
+        existing = _replay(principal, idempotency_key or "", digest)
+        if existing is None:
+            raise
+        return existing, False
+    if req.state == RequestState.APPROVED:
+        req = sign(req.pk)
+    return req, True
+
+
+def _replay(principal: Principal, key: str, digest: str) -> SigningRequest | None:
+    existing = SigningRequest.objects.filter(
+        requester=principal.identity, idempotency_key=key
+    ).first()
+    if existing is not None and existing.body_digest != digest:
+        raise SigningRefused(
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different request body",
+            status=422,
+        )
+    return existing
+
+
+def _create(
+    principal: Principal, authority: Authority, sub: Submission, digest: str, key: str | None
+) -> SigningRequest:
+    policy = current_policy()
+    now = timezone.now()
+    needs_approval = authority.requires_approval
+    req = SigningRequest(
+        authority=authority.name,
+        model_name=sub.model,
+        model_version=sub.version,
+        resources=[r.to_json() for r in sub.resources],
+        ignore_paths=sorted(set(sub.ignore_paths)),
+        policy_digest=policy.digest,
+        required_approvals=authority.approval_count,
+        state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
+        requester=principal.identity,
+        actor=principal.actor or sub.ci.get("actor", ""),
+        ci=sub.ci,
+        api_token=principal.token,
+        idempotency_key=key,
+        body_digest=digest,
+        created_at=now,
+        expires_at=now + timedelta(hours=policy.key_management.approval_ttl_hours)
+        if needs_approval
+        else None,
+    )
+    req.root_digest = bundle.build_statement(sub.model, sub.resources)["subject"][0]["digest"][
+        "sha256"
+    ]
+    req.statement_digest = statement_digest(req)
+    with transaction.atomic():
+        req.save(force_insert=True)
+        audit.record(
+            principal.identity,
+            "signing_request.created",
+            target=req,
+            data={
+                "authority": req.authority,
+                "model": req.model_name,
+                "version": req.model_version,
+                "statement_digest": req.statement_digest,
+                "resources": len(sub.resources),
+                "token": principal.token.token_id if principal.token else None,
+                "state": req.state,
+            },
+        )
+    return req
+
+
+# --- sign ------------------------------------------------------------------------------
+
+
+def sign(request_id: Any) -> SigningRequest:
+    """Sign an approved request at most once; return it in its new state."""
+    claimed = SigningRequest.objects.filter(pk=request_id, state=RequestState.APPROVED).update(
+        state=RequestState.SIGNING, updated_at=timezone.now()
+    )
+    req = SigningRequest.objects.get(pk=request_id)
+    if not claimed:
+        return req  # someone else claimed it, or it is not approved
+    try:
+        key = _check_before_signing(req)
+        backend = backend_for(key)
+        _ensure_usable(backend, key)
+        signed_at = timezone.now().isoformat()
+        payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
+        der = backend.sign(key.key_ref, bundle.pae(payload))
+        _check_signature(key, payload, der)
+    except (SigningRefused, KeyBackendError) as exc:
+        return _fail(req, str(exc))
+    return _store(req, key, payload, der)
+
+
+def _check_before_signing(req: SigningRequest) -> SigningKey:
+    if statement_digest(req) != req.statement_digest:
+        raise SigningRefused(
+            "digest_mismatch", "the request's statement no longer matches its digest"
+        )
+    authority = current_policy().authority(req.authority)
+    if authority is None:
+        raise SigningRefused(
+            "policy_changed", f"authority {req.authority!r} is no longer in the policy"
+        )
+    if not authority.allows_signer(req.requester):
+        raise SigningRefused(
+            "policy_changed", f"{req.requester!r} is no longer an authorized signer"
+        )
+    if authority.requires_approval and req.required_approvals < authority.approval_count:
+        raise SigningRefused("policy_changed", "the authority now requires more approvals")
+    key = SigningKey.objects.active_for(req.authority)
+    if key is None:
+        raise SigningRefused(
+            "no_active_key", f"no active signing key for authority {req.authority!r}"
+        )
+    if key.backend != authority.backend:
+        raise SigningRefused(
+            "policy_changed",
+            f"the active key is on {key.backend} but the policy requires {authority.backend}",
+        )
+    return key
+
+
+# Keys whose attributes this process has already checked on the backend.
+_usable_checked: set[int] = set()
+
+
+def _ensure_usable(backend: KeyBackend, key: SigningKey) -> None:
+    if key.pk not in _usable_checked:
+        backend.check_usable(key.key_ref)
+        _usable_checked.add(key.pk)
+
+
+def _check_signature(key: SigningKey, payload: bytes, der: bytes) -> None:
+    """Fail closed if the backend signed with a key other than the one on record."""
+    public = bundle.load_public_key(key.public_key_pem)
+    try:
+        public.verify(der, bundle.pae(payload), ec.ECDSA(bundle.curve_hash(public)))
+    except InvalidSignature:
+        raise SigningRefused(
+            "backend_mismatch", "the key backend returned a signature that does not verify"
+        ) from None
+
+
+def _store(req: SigningRequest, key: SigningKey, payload: bytes, der: bytes) -> SigningRequest:
+    bundle_json = bundle.bundle_bytes(bundle.build_bundle(payload, der, hint=key.hint)).decode()
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            sig = Signature.objects.create(
+                request=req,
+                key=key,
+                bundle=bundle_json,
+                payload_digest=bundle.payload_digest(payload),
+                signed_at=now,
+            )
+            audit.record(
+                "signing-service",
+                "signature.issued",
+                target=sig,
+                data={
+                    "request": str(req.id),
+                    "authority": req.authority,
+                    "key": key.hint,
+                    "model": req.model_name,
+                    "version": req.model_version,
+                    "payload_digest": sig.payload_digest,
+                },
+            )
+            moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
+                state=RequestState.SIGNED, signed_at=now, updated_at=now
+            )
+            if moved != 1:
+                raise IntegrityError("request left the signing state while it was being signed")
+    except IntegrityError:
+        pass  # already signed by this key, or taken away: the stored state is the truth
+    return SigningRequest.objects.get(pk=req.pk)
+
+
+def _fail(req: SigningRequest, reason: str) -> SigningRequest:
+    with transaction.atomic():
+        moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
+            state=RequestState.FAILED, failure_reason=reason, updated_at=timezone.now()
+        )
+        if moved:
+            audit.record(
+                "signing-service", "signing_request.failed", target=req, data={"reason": reason}
+            )
+    return SigningRequest.objects.get(pk=req.pk)
