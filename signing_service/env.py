@@ -89,6 +89,9 @@ def database_from_url(url: str, *, base_dir: Path) -> dict[str, object]:
             # IMMEDIATE takes the write lock at BEGIN, so concurrent writers queue on the
             # busy timeout instead of failing with "database is locked" on lock upgrade.
             "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
+            # A file, not shared-cache memory: that mode has table locks that ignore the
+            # busy timeout, so concurrency tests would see errors production never does.
+            "TEST": {"NAME": str(name.with_name(f"test-{name.stem}.sqlite3"))},
         }
     if parsed.scheme in ("postgres", "postgresql"):
         if not parsed.path.strip("/"):

@@ -111,7 +111,13 @@ def request_body(
     resources = (
         reference_resources(model_path)
         if model_path is not None
-        else [{"name": "weights.bin", "algorithm": "sha256", "digest": hashlib.sha256(b"w").hexdigest()}]
+        else [
+            {
+                "name": "weights.bin",
+                "algorithm": "sha256",
+                "digest": hashlib.sha256(b"w").hexdigest(),
+            }
+        ]
     )
     body: dict[str, Any] = {
         "model": model_path.name if model_path is not None else "demo-model",
@@ -124,7 +130,9 @@ def request_body(
     return body
 
 
-def model_signing_verify(model: Path, signature: Path, public_key: Path) -> subprocess.CompletedProcess[str]:
+def model_signing_verify(
+    model: Path, signature: Path, public_key: Path
+) -> subprocess.CompletedProcess[str]:
     """Run the reference verifier CLI exactly as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "model_signing", "verify", "key", str(model),

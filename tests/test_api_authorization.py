@@ -51,7 +51,9 @@ def test_a_staging_token_cannot_sign_for_production(api: Any, issue_token: Any) 
     token = issue_token(authorities=("staging",))
     response = authed(api, token).post(URL, request_body(environment="production"), format="json")
     assert response.status_code == 403
-    assert "may not sign for 'production' (scoped to: staging)" in response.json()["error"]["message"]
+    assert (
+        "may not sign for 'production' (scoped to: staging)" in response.json()["error"]["message"]
+    )
     assert SigningRequest.objects.count() == 0
 
 

@@ -119,7 +119,9 @@ def test_every_signature_has_an_audit_record(api: Any, issue_token: Any, active_
     for version in ("1", "2", "3"):
         client.post("/api/v1/signing-requests/", request_body(version=version), format="json")
     signed = {str(s.pk) for s in Signature.objects.all()}
-    audited = set(AuditEntry.objects.filter(action="signature.issued").values_list("target_id", flat=True))
+    audited = set(
+        AuditEntry.objects.filter(action="signature.issued").values_list("target_id", flat=True)
+    )
     assert len(signed) == 3
     assert signed == audited
     call_command("verify_audit")

@@ -72,7 +72,9 @@ def test_bundle_shape_matches_sigstore_v03() -> None:
     assert statement["predicate"]["serialization"] == {
         "method": "files", "hash_type": "sha256", "allow_symlinks": False, "ignore_paths": [".git"],
     }  # fmt: skip
-    assert statement["subject"] == [{"name": "m", "digest": {"sha256": root_digest([Resource("f", D)])}}]
+    assert statement["subject"] == [
+        {"name": "m", "digest": {"sha256": root_digest([Resource("f", D)])}}
+    ]
 
 
 def test_verify_fails_closed_on_tampering() -> None:
@@ -103,5 +105,7 @@ def test_verify_rejects_an_inconsistent_root_digest() -> None:
 @given(st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=20), max_size=5))
 def test_statement_payload_is_deterministic(meta: dict[str, str]) -> None:
     a = bundle.build_statement("m", [Resource("f", D)], service_metadata=meta)
-    b = bundle.build_statement("m", [Resource("f", D)], service_metadata=dict(reversed(meta.items())))
+    b = bundle.build_statement(
+        "m", [Resource("f", D)], service_metadata=dict(reversed(meta.items()))
+    )
     assert bundle.statement_payload(a) == bundle.statement_payload(b)

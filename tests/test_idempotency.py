@@ -29,7 +29,9 @@ def test_a_retry_returns_the_same_request(api: Any, issue_token: Any, active_key
 
 
 @pytest.mark.django_db
-def test_without_a_key_each_post_is_a_new_request(api: Any, issue_token: Any, active_keys: Any) -> None:
+def test_without_a_key_each_post_is_a_new_request(
+    api: Any, issue_token: Any, active_keys: Any
+) -> None:
     client = authed(api, issue_token())
     ids = {client.post(URL, request_body(), format="json").json()["id"] for _ in range(2)}
     assert len(ids) == 2

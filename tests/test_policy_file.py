@@ -42,20 +42,20 @@ def mutate(path: list[str], value: object) -> bytes:
 
 SA = ["certificate_policy", "signing_authorities"]
 BAD = [
-    (SA + ["production", "key_algorithm"], "RSA-2048",
+    ([*SA, "production", "key_algorithm"], "RSA-2048",
      "certificate_policy.signing_authorities.production.key_algorithm: must be one of"),
-    (SA + ["production", "requires_aproval"], True,
+    ([*SA, "production", "requires_aproval"], True,
      "certificate_policy.signing_authorities.production.requires_aproval: is not a known field"),
-    (SA + ["production", "requires_approval"], "yes",
+    ([*SA, "production", "requires_approval"], "yes",
      "production.requires_approval: must be true or false"),
-    (SA + ["production", "approval_count"], 0, "production.approval_count: must be between 1 and 10"),
-    (SA + ["production", "key_storage"], "floppy", "production.key_storage: must be HSM or vault"),
-    (SA + ["production", "key_rotation"], "sometimes", "production.key_rotation: must be annual"),
-    (SA + ["production", "authorized_signers"], [], "authorized_signers: must list at least one"),
-    (SA + ["production", "authorized_signers"], ["*"], "authorized_signers[0]: '*' would match every"),
-    (SA + ["staging", "authorized_signers"], KeyError, "staging.authorized_signers: is required"),
-    (SA + ["development", "provider"], "notary", "development.provider: must be sigstore"),
-    (SA + ["Prod"], {"type": "key-based"}, "authority names are lowercase"),
+    ([*SA, "production", "approval_count"], 0, "production.approval_count: must be between 1 and 10"),
+    ([*SA, "production", "key_storage"], "floppy", "production.key_storage: must be HSM or vault"),
+    ([*SA, "production", "key_rotation"], "sometimes", "production.key_rotation: must be annual"),
+    ([*SA, "production", "authorized_signers"], [], "authorized_signers: must list at least one"),
+    ([*SA, "production", "authorized_signers"], ["*"], "authorized_signers[0]: '*' would match every"),
+    ([*SA, "staging", "authorized_signers"], KeyError, "staging.authorized_signers: is required"),
+    ([*SA, "development", "provider"], "notary", "development.provider: must be sigstore"),
+    ([*SA, "Prod"], {"type": "key-based"}, "authority names are lowercase"),
     (["certificate_policy", "verification_policy", "production_deployment", "accepted_authorities"],
      ["prod"], "production_deployment.accepted_authorities[0]: unknown authority 'prod'"),
     (["certificate_policy", "key_management", "ceremony_quorum"], 1,
@@ -77,13 +77,13 @@ def test_not_yaml_is_refused() -> None:
 
 
 def test_a_missing_approval_count_means_two_not_one() -> None:
-    policy = parse_policy(mutate(SA + ["production", "approval_count"], KeyError))
+    policy = parse_policy(mutate([*SA, "production", "approval_count"], KeyError))
     assert policy.authorities["production"].approval_count == 2
 
 
 def test_the_service_refuses_to_start_with_a_bad_policy(tmp_path: Path) -> None:
     bad = tmp_path / "policy.yaml"
-    bad.write_bytes(mutate(SA + ["production", "key_algorithm"], "DSA"))
+    bad.write_bytes(mutate([*SA, "production", "key_algorithm"], "DSA"))
     env = {**os.environ, "SIGNING_POLICY_FILE": str(bad), "VAR_DIR": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True

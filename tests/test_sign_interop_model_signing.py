@@ -16,8 +16,12 @@ from tests.fixtures_service import authed, model_signing_verify, request_body, w
 pytestmark = [pytest.mark.softhsm, pytest.mark.interop]
 
 MODELS: dict[str, dict[str, bytes]] = {
-    "nested": {"config.json": b"{}", "weights/layer-0.bin": b"\x00" * 4096, "weights/deep/x.bin": b"x"},
-    "unicode-and-spaces": {"tökenizer vocab.json": b"{\"a\": 1}", "Modèle/poids 1.bin": b"p"},
+    "nested": {
+        "config.json": b"{}",
+        "weights/layer-0.bin": b"\x00" * 4096,
+        "weights/deep/x.bin": b"x",
+    },
+    "unicode-and-spaces": {"tökenizer vocab.json": b'{"a": 1}', "Modèle/poids 1.bin": b"p"},
     "empty-file": {"empty.bin": b"", "model.bin": b"m"},
     "sub-ordering": {"sub/a": b"1", "sub-x": b"2", "sub.y": b"3", "sub/b/c": b"4"},
     "with-git": {"model.bin": b"m", ".gitignore": b"*.tmp", ".git/HEAD": b"ref"},
@@ -48,7 +52,9 @@ def save_public_key(api: Any, hint: str, path: Path) -> Path:
 def signed(api: Any, issue_token: Any, active_keys: Any, tmp_path: Path) -> Any:
     token = issue_token()
 
-    def sign(files: dict[str, bytes], name: str = "model", single: bool = False) -> tuple[Path, Path, Path]:
+    def sign(
+        files: dict[str, bytes], name: str = "model", single: bool = False
+    ) -> tuple[Path, Path, Path]:
         model = write_model(tmp_path / name, files)
         if single:
             (model,) = model.iterdir()
@@ -74,7 +80,9 @@ def test_model_signing_accepts_service_bundles(signed: Any, case: str) -> None:
 def test_single_file_model(signed: Any) -> None:
     model, sig, pem = signed({"model.safetensors": b"tensor bytes"}, name="single", single=True)
     assert model.is_file()
-    statement = json.loads(base64.b64decode(parse_bundle(sig.read_bytes())["dsseEnvelope"]["payload"]))
+    statement = json.loads(
+        base64.b64decode(parse_bundle(sig.read_bytes())["dsseEnvelope"]["payload"])
+    )
     assert [r["name"] for r in statement["predicate"]["resources"]] == ["."]
     result = model_signing_verify(model, sig, pem)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -99,11 +107,12 @@ def test_model_signing_rejects_tampered_models(signed: Any, tamper: str) -> None
 
 @pytest.mark.django_db(transaction=True)
 def test_bundle_carries_our_metadata_and_the_key_hint(signed: Any) -> None:
-    model, sig, pem = signed({"m.bin": b"m"}, name="meta")
+    _model, sig, pem = signed({"m.bin": b"m"}, name="meta")
     bundle = parse_bundle(sig.read_bytes())
-    assert bundle["verificationMaterial"]["publicKey"]["hint"] == hashlib.sha256(
-        pem.read_bytes()
-    ).hexdigest()
+    assert (
+        bundle["verificationMaterial"]["publicKey"]["hint"]
+        == hashlib.sha256(pem.read_bytes()).hexdigest()
+    )
     statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
     meta = statement["predicate"][SERVICE_PREDICATE_KEY]
     assert meta["authority"] == "staging"
