@@ -38,6 +38,7 @@ migrate: deps
 
 bootstrap: migrate
 	$(PY) manage.py bootstrap_local_keys
+	@$(PY) manage.py create_demo_users > $(VAR_DIR)/demo-users.out
 
 run: bootstrap
 	@$(PY) manage.py collectstatic --noinput -v 0
@@ -46,6 +47,8 @@ run: bootstrap
 	@echo "  Public keys:           http://$(HOST):$(PORT)/api/v1/keys/"
 	@echo "  Get a CI token:        $(PY) manage.py create_api_token ml-platform-ci@company.com --authority staging"
 	@echo "  Sign a model:          $(VENV)/bin/modelsign sign ./my-model --server http://$(HOST):$(PORT) --environment staging --token <token>"
+	@echo "  Approver UI:           http://$(HOST):$(PORT)/  (production needs 2 approvals; demo logins:)"
+	@cat $(VAR_DIR)/demo-users.out
 	@echo
 	exec $(VENV)/bin/gunicorn signing_service.wsgi:application -c deploy/gunicorn.conf.py --bind $(HOST):$(PORT)
 

@@ -97,11 +97,19 @@ def _signed_statement(req: SigningRequest, key: SigningKey, signed_at: str) -> d
         "policy_digest": req.policy_digest,
         "key_hint": key.hint,
         "signed_at": signed_at,
-        "approvals": [],
+        "approvals": _approvals_for_statement(req),
     }
     return bundle.build_statement(
         req.model_name, req.resource_list, ignore_paths=req.ignore_paths, service_metadata=meta
     )
+
+
+def _approvals_for_statement(req: SigningRequest) -> list[dict[str, str]]:
+    if not req.required_approvals:
+        return []
+    from approvals.services import approvals_for_statement  # approvals builds on signing
+
+    return approvals_for_statement(req)
 
 
 def body_digest(sub: Submission) -> str:
@@ -277,6 +285,8 @@ def _check_before_signing(req: SigningRequest) -> SigningKey:
         )
     if authority.requires_approval and req.required_approvals < authority.approval_count:
         raise SigningRefused("policy_changed", "the authority now requires more approvals")
+    if req.required_approvals:
+        _check_approvals(req)
     key = SigningKey.objects.active_for(req.authority)
     if key is None:
         raise SigningRefused(
@@ -288,6 +298,20 @@ def _check_before_signing(req: SigningRequest) -> SigningKey:
             f"the active key is on {key.backend} but the policy requires {authority.backend}",
         )
     return key
+
+
+def _check_approvals(req: SigningRequest) -> None:
+    """Right before the key is used: the approvals still cover this digest and policy."""
+    from approvals.services import is_own_request, valid_approvals
+
+    approvals = list(valid_approvals(req).select_related("approver"))
+    people = {a.approver_id for a in approvals if not is_own_request(a.approver, req)}
+    if len(people) < req.required_approvals:
+        raise SigningRefused(
+            "approvals_missing",
+            f"{len(people)} valid approvals for this statement and policy; "
+            f"{req.required_approvals} required",
+        )
 
 
 # Keys whose attributes this process has already checked on the backend.

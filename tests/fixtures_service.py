@@ -146,3 +146,63 @@ def model_dir(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "my-model"
     root.mkdir()
     yield root
+
+
+# --- approvals -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., Any]:
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    from approvals.groups import approver_group
+
+    def make(
+        username: str,
+        *,
+        approves: tuple[str, ...] = ("production",),
+        password: str = "pw-" + "x" * 12,
+    ) -> Any:
+        user = get_user_model().objects.create_user(username, f"{username}@company.com", password)
+        for authority in approves:
+            user.groups.add(Group.objects.get_or_create(name=approver_group(authority))[0])
+        return user
+
+    return make
+
+
+def totp_device(user: Any) -> Any:
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    return TOTPDevice.objects.create(user=user, name="test", confirmed=True)
+
+
+def totp_code(device: Any) -> str:
+    from django_otp.oath import TOTP
+
+    totp = TOTP(device.bin_key, device.step, device.t0, device.digits, device.drift)
+    return f"{totp.token():0{device.digits}d}"
+
+
+@pytest.fixture
+def pending_request(
+    api: APIClient, issue_token: Callable[..., str], active_keys: Any
+) -> Callable[..., Any]:
+    """Submit a production request as the CI identity; it waits for two approvals."""
+
+    def submit(**overrides: Any) -> Any:
+        token = issue_token(authorities=("production",))
+        response = authed(api, token).post(
+            "/api/v1/signing-requests/",
+            request_body(environment="production", **overrides),
+            format="json",
+        )
+        assert response.status_code == 201, response.content
+        from signing_service.models import SigningRequest
+
+        req = SigningRequest.objects.get(pk=response.json()["id"])
+        assert req.state == "pending_approval"
+        return req
+
+    return submit

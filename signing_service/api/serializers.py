@@ -130,8 +130,14 @@ class SigningRequestSerializer(serializers.ModelSerializer):
         return len(obj.resources)
 
     @extend_schema_field(serializers.DictField())
-    def get_approvals(self, obj: SigningRequest) -> dict[str, int]:
-        return {"required": obj.required_approvals, "received": 0}
+    def get_approvals(self, obj: SigningRequest) -> dict[str, Any]:
+        from approvals.services import valid_approvals
+
+        records = [
+            {"approver": a.approver_identity, "decided_at": a.decided_at}
+            for a in valid_approvals(obj)
+        ] if obj.required_approvals else []  # fmt: skip
+        return {"required": obj.required_approvals, "received": len(records), "records": records}
 
     @extend_schema_field(KeySummarySerializer(allow_null=True))
     def get_key(self, obj: SigningRequest) -> dict[str, Any] | None:
@@ -144,8 +150,20 @@ class SigningRequestSerializer(serializers.ModelSerializer):
         return {
             "self": absolute(request, reverse("api-v1:signing-request", args=[obj.id])),
             "bundle": absolute(request, reverse("api-v1:signing-request-bundle", args=[obj.id])),
-            "approval_page": None,
+            "approval_page": absolute(request, reverse("approvals:request", args=[obj.id]))
+            if obj.required_approvals
+            else None,
         }
+
+
+class ApprovalCreateSerializer(StrictSerializer):
+    decision = serializers.ChoiceField(choices=["approve", "reject"])
+    comment = serializers.CharField(max_length=2000, required=False, allow_blank=True)
+    otp_token = serializers.RegexField(
+        r"^[0-9]{6,8}$",
+        required=False,
+        help_text="Authenticator code, if not verified in the last 5 min",
+    )
 
 
 class SigningKeySerializer(serializers.ModelSerializer):

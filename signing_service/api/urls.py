@@ -17,6 +17,11 @@ urlpatterns = [
         views.SigningRequestBundleView.as_view(),
         name="signing-request-bundle",
     ),
+    path(
+        "signing-requests/<uuid:pk>/approvals/",
+        views.ApprovalCreateView.as_view(),
+        name="signing-request-approvals",
+    ),
     path("keys/", views.KeyListView.as_view(), name="keys"),
     path("keys/<str:hint>.pem", views.KeyPemView.as_view(), name="key-pem"),
     path("schema/", SpectacularAPIView.as_view(api_version="1"), name="schema"),

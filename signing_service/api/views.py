@@ -7,7 +7,7 @@ from typing import Any
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import permissions, status
+from rest_framework import authentication, exceptions, permissions, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -15,9 +15,11 @@ from rest_framework.views import APIView
 from keys.models import SigningKey
 from signing_service.api.errors import error_body
 from signing_service.api.serializers import (
+    ApprovalCreateSerializer,
     SigningKeySerializer,
     SigningRequestCreateSerializer,
     SigningRequestSerializer,
+    absolute,
 )
 from signing_service.bundle import BUNDLE_MEDIA_TYPE
 from signing_service.models import RequestState, SigningRequest
@@ -46,6 +48,10 @@ class SigningRequestCreateView(APIView):
         serializer = SigningRequestCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         req, created = submit(request.user, serializer.to_submission(), key)
+        if created and req.state == RequestState.PENDING_APPROVAL:
+            from approvals.services import notify_approvers, request_page_path
+
+            notify_approvers(req, absolute(request, request_page_path(req)))
         body = SigningRequestSerializer(req, context={"request": request}).data
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -74,6 +80,33 @@ class SigningRequestBundleView(APIView):
         response = HttpResponse(sig.bundle, content_type=BUNDLE_MEDIA_TYPE)
         response["Content-Disposition"] = 'attachment; filename="model.sig"'
         return response
+
+
+class ApprovalCreateView(APIView):
+    """Approve or reject as a logged-in person with a fresh TOTP; CI tokens can never approve."""
+
+    authentication_classes = [authentication.SessionAuthentication]  # enforces CSRF
+
+    @extend_schema(
+        request=ApprovalCreateSerializer,
+        responses={201: SigningRequestSerializer},
+        summary="Approve or reject a pending request (session + fresh TOTP)",
+    )
+    def post(self, request: Request, pk: Any) -> Response:
+        from approvals.services import decide
+        from approvals.views import _otp_verified_at, verify_otp
+
+        serializer = ApprovalCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        if data.get("otp_token") and not verify_otp(request._request, data["otp_token"]):
+            raise exceptions.PermissionDenied("the authenticator code is not valid")
+        outcome = decide(
+            pk, request.user, data["decision"], comment=data.get("comment", ""),
+            otp_verified_at=_otp_verified_at(request._request),
+        )  # fmt: skip
+        body = SigningRequestSerializer(outcome.request, context={"request": request}).data
+        return Response(body, status=status.HTTP_201_CREATED)
 
 
 class PublicView(APIView):
