@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VAR_DIR ?= $(CURDIR)/var
 PORT ?= 8000
 HOST ?= 127.0.0.1
-APT_PACKAGES := softhsm2 redis-server
+APT_PACKAGES := softhsm2 redis-server chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VAR_DIR
 
