@@ -43,19 +43,27 @@ def visible_requests(user: Any) -> QuerySet[SigningRequest]:
 
 
 def _listing(user: Any, states: Q) -> QuerySet[SigningRequest]:
-    # Only the listed columns (never the resource list) and the approval count in the
-    # same query: the page costs the same few queries for 10 or 10,000 requests.
-    return (
-        visible_requests(user)
-        .filter(states)
-        .only(*LIST_FIELDS)
-        .annotate(approvals_received=Count("approvals", filter=Q(approvals__decision="approve")))
-        .order_by("-created_at", "-id")
-    )
+    # Only the listed columns, never the resource list; ordered by the index's columns.
+    return visible_requests(user).filter(states).only(*LIST_FIELDS).order_by("-created_at", "-id")
 
 
 def _page(request: HttpRequest, qs: QuerySet[SigningRequest]) -> Any:
-    return Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
+    """One page plus its approval counts: three queries whether 10 or 10,000 are pending.
+
+    The counts are fetched for the page's rows only; a GROUP BY over the whole listing
+    would have to aggregate every pending request before the LIMIT applies.
+    """
+    page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = list(page.object_list)
+    counts = dict(
+        Approval.objects.filter(request__in=[r.pk for r in rows], decision=Decision.APPROVE)
+        .values_list("request")
+        .annotate(n=Count("id"))
+    )
+    for row in rows:
+        row.approvals_received = counts.get(row.pk, 0)
+    page.object_list = rows
+    return page
 
 
 def _has_device(user: Any) -> bool:
