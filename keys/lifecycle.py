@@ -73,3 +73,61 @@ def _jsonable(attributes: dict[str, Any]) -> dict[str, Any]:
         str(k): v if isinstance(v, bool | int | str) or v is None else str(v)
         for k, v in attributes.items()
     }
+
+
+#: The key state machine of SPEC section 5; every state change goes through transition().
+ALLOWED: dict[str, frozenset[str]] = {
+    KeyState.PENDING: frozenset({KeyState.ACTIVE, KeyState.RETIRED}),
+    KeyState.ACTIVE: frozenset({KeyState.TRANSITION, KeyState.REVOKED}),
+    KeyState.TRANSITION: frozenset({KeyState.RETIRED, KeyState.REVOKED}),
+    KeyState.RETIRED: frozenset({KeyState.REVOKED}),
+    KeyState.REVOKED: frozenset(),
+}
+
+
+class KeyStateError(ValueError):
+    """A state change the key state machine does not allow."""
+
+
+def transition(
+    key_id: int,
+    to: str,
+    *,
+    actor: str,
+    reason: str = "",
+    effective_at: Any = None,
+    backend: KeyBackend | None = None,
+) -> SigningKey:
+    """Move a key to ``to`` if the state machine allows it; audit it in the same transaction.
+
+    Activating needs ``backend`` so the key's attributes are re-checked on the HSM or Vault
+    first; revoking records ``effective_at`` (default now): signatures made at or after it
+    are no longer accepted.
+    """
+    with transaction.atomic():
+        # Locked so two custodians acting at once cannot both move the same key.
+        key = SigningKey.objects.select_for_update().get(pk=key_id)
+        if to not in ALLOWED[key.state]:
+            raise KeyStateError(f"a {key.state} key cannot become {to}")
+        now = timezone.now()
+        data: dict[str, Any] = {"from": key.state, "to": to, "reason": reason}
+        if to == KeyState.ACTIVE:
+            if backend is None:
+                raise KeyStateError("activating a key needs its backend to re-check it")
+            key.attributes = _jsonable(backend.check_usable(key.key_ref))
+            key.activated_at, key.not_before = now, now
+            data["attributes_checked"] = key.attributes
+        if to == KeyState.REVOKED:
+            key.revoked_at = now
+            key.revocation_effective_at = effective_at or now
+            key.revocation_reason = reason
+            data["effective_at"] = key.revocation_effective_at.isoformat()
+        key.state = to
+        key.save()
+        audit.record(
+            actor,
+            f"key.{to}",
+            target=key,
+            data={"authority": key.authority, "hint": key.hint, **data},
+        )
+    return key
