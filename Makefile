@@ -10,10 +10,11 @@ APT_PACKAGES := softhsm2 redis-server chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VAR_DIR
 
-.PHONY: run test lint check pytest system-deps deps migrate bootstrap clean help
+.PHONY: run demo test lint check pytest system-deps deps migrate bootstrap clean help
 
 help:
 	@echo "make run    start the service on http://$(HOST):$(PORT) with local SoftHSM keys"
+	@echo "make demo   CI signs for production, two approvers approve, model_signing verifies"
 	@echo "make test   lint and run the whole test suite"
 
 ## Debian packages: the HSM (SoftHSM2) and the broker (Redis).
@@ -51,6 +52,9 @@ run: bootstrap
 	@cat $(VAR_DIR)/demo-users.out
 	@echo
 	exec $(VENV)/bin/gunicorn signing_service.wsgi:application -c deploy/gunicorn.conf.py --bind $(HOST):$(PORT)
+
+demo: bootstrap
+	$(PY) deploy/local/demo.py
 
 lint: deps
 	$(VENV)/bin/ruff check .
