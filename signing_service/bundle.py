@@ -321,7 +321,8 @@ def _parse_statement(payload: bytes, hint: str | None) -> VerifiedStatement:
         raise VerificationError(f"signed manifest is malformed: {exc}") from None
     subject = subjects[0]
     expected = subject.get("digest", {}).get("sha256") if isinstance(subject, dict) else None
-    listed = [Resource(**r) for r in predicate["resources"]]
+    # Root digest over the resources in the order listed (the verifier does the same).
+    listed = [Resource(r["name"], r["digest"]) for r in predicate["resources"]]
     actual = root_digest(listed)
     if expected != actual:
         raise VerificationError(

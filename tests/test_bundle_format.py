@@ -109,3 +109,11 @@ def test_statement_payload_is_deterministic(meta: dict[str, str]) -> None:
         "m", [Resource("f", D)], service_metadata=dict(reversed(meta.items()))
     )
     assert bundle.statement_payload(a) == bundle.statement_payload(b)
+
+
+def test_extra_resource_fields_do_not_crash_verification() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    statement = bundle.build_statement("m", [Resource("f", D)])
+    statement["predicate"]["resources"][0]["size"] = 12
+    verified = bundle.verify_bundle(make_bundle(key, statement), key.public_key())
+    assert verified.resources == [Resource("f", D)]

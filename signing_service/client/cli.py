@@ -1,0 +1,543 @@
+"""The `modelsign` command line: hash, sign (submit, wait, fetch), verify, public-key.
+
+Exit codes: 0 success; 1 any error, a failed request or a failed verification; 2 the
+signing request was rejected, expired or cancelled; 130 interrupted.
+
+Imports are kept lazy where they are costly (``cryptography``, ``urllib.request``) so
+that ``modelsign hash`` starts fast; hashing is benchmarked end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from signing_service.client import hashing
+from signing_service.client.progress import ProgressBar, StatusLine
+from signing_service.manifest import ManifestError, validate_resources
+
+if TYPE_CHECKING:
+    from signing_service.bundle import VerifiedStatement
+    from signing_service.client.api import ServiceClient
+
+__all__ = ["EXIT_DENIED", "EXIT_ERROR", "EXIT_OK", "ci_metadata", "main"]
+
+EXIT_OK, EXIT_ERROR, EXIT_DENIED, EXIT_INTERRUPTED = 0, 1, 2, 130
+DENIED_STATES = frozenset({"rejected", "expired", "cancelled"})
+FINAL_STATES = DENIED_STATES | {"signed", "failed"}
+POLL_START = 1.0  # seconds between polls at first ...
+POLL_MAX = 5.0  # ... backing off to this
+POLL_FACTOR = 1.5
+_TICK = 0.2  # spinner refresh while waiting between polls
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class CliError(Exception):
+    """An expected failure: printed as ``modelsign: error: <message>``, no traceback."""
+
+    exit_code = EXIT_ERROR
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # Usage errors exit 1, not argparse's 2: 2 means "rejected" to CI scripts.
+        self.print_usage(sys.stderr)
+        raise CliError(message)
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    print(f"modelsign: error: {message}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"modelsign: warning: {message}", file=sys.stderr)
+
+
+def _info(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr)
+
+
+def _printable(value: object) -> str:
+    # Text from the server goes to a terminal: no escape sequences from it.
+    return "".join(ch if ch.isprintable() else " " for ch in str(value))
+
+
+def _inside_model(model: Path, path: Path) -> str | None:
+    """``path`` relative to the model directory (POSIX), or None if it is not inside."""
+    try:
+        rel = path.resolve().relative_to(model.resolve())
+    except ValueError:
+        return None
+    return rel.as_posix()
+
+
+def _user_ignore_paths(model: Path, paths: Sequence[str]) -> list[str]:
+    """Resolve --ignore-paths as model_signing's CLI does: relative to the current dir."""
+    out: list[str] = []
+    for p in paths:
+        rel = _inside_model(model, Path(p))
+        if rel is None:
+            _warn(f"--ignore-paths {p}: not inside the model {model}, so nothing is ignored")
+        elif rel == ".":
+            raise CliError(f"--ignore-paths {p} is the model itself")
+        else:
+            out.append(rel)
+    return out
+
+
+def _hash(
+    model: Path, ignore_paths: Sequence[str], *, quiet: bool, workers: int | None
+) -> hashing.HashResult:
+    scan = hashing.scan_model(model, ignore_paths=ignore_paths)
+    label = f"hashing {len(scan.files)} file{'s' if len(scan.files) != 1 else ''}"
+    with ProgressBar(scan.total_bytes, label=label, enabled=not quiet) as bar:
+        return hashing.hash_files(scan, workers=workers, progress=None if quiet else bar.update)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [CliError, hashing.HashError, ManifestError, OSError]
+    # Only modules already loaded: importing them just to catch their errors costs time.
+    for module, name in (
+        ("signing_service.client.api", "ClientError"),
+        ("signing_service.bundle", "BundleError"),
+    ):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+# --- hash ------------------------------------------------------------------------------
+
+
+def cmd_hash(args: argparse.Namespace) -> int:
+    model = Path(args.path)
+    result = _hash(
+        model, _user_ignore_paths(model, args.ignore_paths), quiet=args.quiet, workers=args.workers
+    )
+    json.dump(result.to_json(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+# --- sign ------------------------------------------------------------------------------
+
+
+def ci_metadata(env: Mapping[str, str]) -> dict[str, str]:
+    """Provenance of the CI run from GitHub Actions or GitLab CI variables (empty if none)."""
+    if env.get("GITHUB_ACTIONS") == "true" or env.get("GITHUB_REPOSITORY"):
+        repo = env.get("GITHUB_REPOSITORY", "")
+        server, run = env.get("GITHUB_SERVER_URL", ""), env.get("GITHUB_RUN_ID", "")
+        run_url = f"{server}/{repo}/actions/runs/{run}" if server and repo and run else ""
+        fields = {
+            "repository": repo,
+            "commit": env.get("GITHUB_SHA", ""),
+            "ref": env.get("GITHUB_REF", ""),
+            "pipeline_url": run_url,
+            "actor": env.get("GITHUB_ACTOR", ""),
+        }
+    else:
+        fields = {
+            "repository": env.get("CI_PROJECT_PATH", ""),
+            "commit": env.get("CI_COMMIT_SHA", ""),
+            "ref": env.get("CI_COMMIT_REF_NAME", ""),
+            "pipeline_url": env.get("CI_PIPELINE_URL", ""),
+            "actor": env.get("GITLAB_USER_LOGIN", ""),
+        }
+    return {k: v for k, v in fields.items() if v}
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --token-file: {exc.strerror}") from None
+    else:
+        token = (args.token or os.environ.get("MODELSIGN_TOKEN", "")).strip()
+    if not token:
+        raise CliError("no API token: set MODELSIGN_TOKEN, or use --token-file or --token")
+    return token
+
+
+def _client(server: str, token: str | None) -> ServiceClient:
+    from urllib.parse import urlsplit
+
+    from signing_service.client.api import ServiceClient
+
+    client = ServiceClient(server, token)
+    parts = urlsplit(client.base)
+    if token and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        _warn(f"sending the API token to {client.base} over plain HTTP; use https://")
+    return client
+
+
+def _request_body(args: argparse.Namespace, result: hashing.HashResult) -> dict[str, Any]:
+    resources = [r.to_json() for r in result.resources]
+    try:
+        validate_resources(resources, max_resources=len(resources) or 1)
+    except ManifestError as exc:  # fail before the upload, with the file's name
+        raise CliError(f"the service will not accept this model: {exc}") from None
+    version = args.model_version or os.environ.get("MODEL_VERSION") or result.root_digest[:12]
+    body: dict[str, Any] = {
+        "model": args.model_name or result.model,
+        "version": version,
+        "environment": args.environment,
+        "resources": resources,
+        "ignore_paths": list(result.ignore_paths),
+    }
+    ci = ci_metadata(os.environ)
+    if ci:
+        body["ci"] = ci
+    return body
+
+
+def _describe(req: Mapping[str, Any]) -> str:
+    approvals = req.get("approvals") if isinstance(req.get("approvals"), dict) else {}
+    text = f"request {req.get('id')}: {req.get('state')}"
+    if approvals and approvals.get("required"):
+        text += f" (approvals {approvals.get('received', 0)}/{approvals.get('required')})"
+    return text
+
+
+def _link(req: Mapping[str, Any], name: str) -> str | None:
+    links = req.get("links")
+    value = links.get(name) if isinstance(links, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _sleep(seconds: float, status: StatusLine, text: str) -> None:
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(_TICK, left))
+        status.update(text)
+
+
+def _wait(
+    client: ServiceClient, req: dict[str, Any], timeout: float, quiet: bool
+) -> dict[str, Any]:
+    """Poll the request until it reaches a final state; CliError after ``timeout`` s."""
+    if req.get("state") in FINAL_STATES:
+        return req
+    page = _link(req, "approval_page")
+    if page:
+        print(f"approval needed: {page}", file=sys.stderr)  # even with --quiet: act on it
+    self_url = _link(req, "self")
+    if not self_url:
+        raise CliError(f"the server's answer has no links.self to poll ({_describe(req)})")
+    deadline = time.monotonic() + timeout
+    interval = POLL_START
+    with StatusLine(enabled=not quiet) as status:
+        while True:
+            text = _describe(req)
+            status.update(text)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CliError(
+                    f"timed out after {timeout:g} s waiting; {text}"
+                    + (f"; approve at {page}" if page else "")
+                )
+            _sleep(min(interval, left), status, text)
+            req = client.get(self_url)
+            if req.get("state") in FINAL_STATES:
+                return req
+            interval = min(interval * POLL_FACTOR, POLL_MAX)
+
+
+def _statement_of(data: bytes) -> dict[str, Any]:
+    from signing_service import bundle
+
+    parsed = bundle.parse_bundle(data)
+    envelope = parsed["dsseEnvelope"]
+    if envelope.get("payloadType") != bundle.PAYLOAD_TYPE:
+        raise CliError(f"the server's bundle has payloadType {envelope.get('payloadType')!r}")
+    try:
+        statement = json.loads(base64.b64decode(envelope.get("payload", ""), validate=True))
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise CliError("the server's bundle payload is not base64 JSON") from None
+    if not isinstance(statement, dict):
+        raise CliError("the server's bundle payload is not a JSON object")
+    return statement
+
+
+def check_bundle_content(data: bytes, result: hashing.HashResult) -> None:
+    """Refuse a bundle whose statement is not exactly the model that was hashed."""
+    statement = _statement_of(data)
+    try:
+        root = statement["subject"][0]["digest"]["sha256"]
+        predicate = statement["predicate"]
+        signed = {(r["name"], r.get("algorithm"), r["digest"]) for r in predicate["resources"]}
+        serialization = predicate["serialization"]
+        ignored = set(serialization.get("ignore_paths", []))
+        method = (serialization.get("method"), serialization.get("hash_type"))
+        single_subject = len(statement["subject"]) == 1
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise CliError("the server's bundle does not hold a model_signing statement") from None
+    ours = {(r.name, r.algorithm, r.digest) for r in result.resources}
+    if not single_subject or root != result.root_digest or signed != ours:
+        raise CliError(
+            f"the server returned a bundle for different content (root digest {root}, "
+            f"the model hashes to {result.root_digest}); nothing was written"
+        )
+    if method != ("files", "sha256"):
+        raise CliError(f"the server's bundle uses serialization {method}, not files/sha256")
+    if ignored != set(result.ignore_paths):
+        raise CliError(
+            f"the server's bundle records ignore_paths {sorted(ignored)}, "
+            f"not {result.ignore_paths}; nothing was written"
+        )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finish(
+    client: ServiceClient, req: Mapping[str, Any], result: hashing.HashResult, out: Path
+) -> int:
+    state, rid = req.get("state"), req.get("id")
+    if state in DENIED_STATES:
+        reason = req.get("failure_reason")
+        _error(f"signing request {rid} was {state}" + (f": {_printable(reason)}" if reason else ""))
+        return EXIT_DENIED
+    if state == "failed":
+        _error(f"signing request {rid} failed: {_printable(req.get('failure_reason') or '-')}")
+        return EXIT_ERROR
+    if state != "signed":
+        raise CliError(f"signing request {rid} is in an unknown state {state!r}")
+    bundle_url = _link(req, "bundle")
+    if not bundle_url:
+        raise CliError(f"signing request {rid} is signed but has no links.bundle")
+    data = client.bundle(bundle_url)
+    check_bundle_content(data, result)
+    _write_atomic(out, data)
+    print(out)
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    token = _token(args)
+    client = _client(args.server, token)
+    model, out = Path(args.path), Path(args.out)
+    if not out.parent.is_dir():  # find out now, not after the service has signed
+        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    ignores = _user_ignore_paths(model, args.ignore_paths)
+    if (sig := _inside_model(model, out)) is not None:
+        ignores.append(sig)  # as model_signing does: the bundle is not part of the model
+    result = _hash(model, ignores, quiet=args.quiet, workers=args.workers)
+    if not result.resources:
+        raise CliError(f"{model} has no files to sign (after ignore paths)")
+    body = _request_body(args, result)
+    import uuid  # lazily: it imports platform, which `modelsign hash` need not pay for
+
+    req = client.submit(body, str(uuid.uuid4()))
+    _info(f"submitted {body['model']} {body['version']}: {_describe(req)}", args.quiet)
+    try:
+        req = _wait(client, req, args.timeout, args.quiet)
+    except KeyboardInterrupt:
+        _error(f"interrupted; the request stays open: {_link(req, 'self') or req.get('id')}")
+        return EXIT_INTERRUPTED
+    return _finish(client, req, result, out)
+
+
+# --- verify ----------------------------------------------------------------------------
+
+
+def _statement_from_key(bundle_data: bytes, public_key_path: str) -> VerifiedStatement:
+    """Check the bundle's signature with one public key. (A ``--trust`` variant will pick
+    the key from a trust document and check its state and validity here instead.)"""
+    from signing_service import bundle
+
+    try:
+        key = bundle.load_public_key(Path(public_key_path).read_bytes())
+    except OSError as exc:
+        raise CliError(f"cannot read --public-key {public_key_path}: {exc.strerror}") from None
+    except bundle.BundleError as exc:
+        raise CliError(f"--public-key {public_key_path}: {exc}") from None
+    try:
+        return bundle.verify_bundle(bundle_data, key)
+    except bundle.VerificationError as exc:
+        raise CliError(f"verification failed: {exc}") from None
+
+
+def model_problems(
+    model: Path,
+    statement: VerifiedStatement,
+    extra_ignores: Sequence[str],
+    *,
+    quiet: bool = True,
+    workers: int | None = None,
+) -> list[str]:
+    """Re-hash the model as the signer did and list every difference, one line each."""
+    ignores = [*statement.ignore_paths, *extra_ignores]
+    hashed = _hash(model, ignores, quiet=quiet, workers=workers)
+    actual = {r.name: r.digest for r in hashed.resources}
+    signed = {r.name: r.digest for r in statement.resources}
+    problems = [f"extra file (not in the signature): {n}" for n in sorted(actual.keys() - signed)]
+    problems += [f"missing file (in the signature): {n}" for n in sorted(signed.keys() - actual)]
+    problems += [
+        f"changed file: {n}: signed digest {signed[n]}, file digest {actual[n]}"
+        for n in sorted(signed.keys() & actual.keys())
+        if signed[n] != actual[n]
+    ]
+    return problems
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    model, signature = Path(args.path), Path(args.signature)
+    try:
+        data = signature.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read --signature {signature}: {exc.strerror}") from None
+    statement = _statement_from_key(data, args.public_key)
+    extra = _user_ignore_paths(model, args.ignore_paths)
+    if (sig := _inside_model(model, signature)) is not None:
+        extra.append(sig)
+    problems = model_problems(model, statement, extra, quiet=args.quiet, workers=args.workers)
+    for problem in problems:
+        print(f"modelsign: {problem}", file=sys.stderr)
+    if problems:
+        raise CliError(f"verification failed: {len(problems)} problem(s) with {model}")
+    print("Verification succeeded")
+    return EXIT_OK
+
+
+# --- public-key ------------------------------------------------------------------------
+
+
+def _pick_key(keys: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> Mapping[str, Any]:
+    if args.signature:
+        from signing_service import bundle
+
+        hint = bundle.bundle_hint(bundle.parse_bundle(Path(args.signature).read_bytes()))
+        if hint is None:
+            raise CliError(f"{args.signature} has no key hint (it is certificate-signed)")
+        matches = [k for k in keys if k.get("hint") == hint]
+        wanted = f"the key with hint {hint}"
+    else:
+        env = args.environment
+        matches = [k for k in keys if k.get("authority") == env and k.get("state") == "active"]
+        wanted = f"an active key for environment {env!r}"
+    if len(matches) != 1:
+        found = "no" if not matches else str(len(matches))
+        raise CliError(f"the server publishes {found} key(s) matching {wanted}")
+    return matches[0]
+
+
+def cmd_public_key(args: argparse.Namespace) -> int:
+    from signing_service import bundle
+
+    entry = _pick_key(_client(args.server, None).keys(), args)
+    pem = entry.get("public_key_pem")
+    key = bundle.load_public_key(pem if isinstance(pem, str) else "")
+    if bundle.key_hint(key) != entry.get("hint"):  # do not trust the listed hint blindly
+        raise CliError(f"key {entry.get('id')}: its PEM does not match its hint")
+    text = bundle.public_key_pem(key)
+    if args.out:
+        Path(args.out).write_text(text, encoding="ascii")
+        print(args.out)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+# --- parser ----------------------------------------------------------------------------
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+    return number
+
+
+def _hashing_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="model directory or single model file")
+    p.add_argument(
+        "--ignore-paths",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="P",
+        help="paths to leave out, relative to the current directory (as with model_signing)",
+    )
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true")
+    p.add_argument("--workers", type=int, default=None, help="hashing threads (default: CPUs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="modelsign", description="Sign and verify ML models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("hash", "print a model's resource list as JSON", cmd_hash),
+        ("sign", "hash a model, have the service sign it, write the bundle", cmd_sign),
+        ("verify", "verify a model against a bundle and a public key", cmd_verify),
+        ("public-key", "fetch a signing public key from the service", cmd_public_key),
+    ]
+    parsers = {name: sub.add_parser(name, help=text) for name, text, _ in commands}
+    for name, _, func in commands:
+        parsers[name].set_defaults(func=func)
+    for name in ("hash", "sign", "verify"):
+        _hashing_options(parsers[name])
+    _sign_options(parsers["sign"])
+    verify = parsers["verify"]
+    verify.add_argument("--signature", required=True, help="the bundle (model.sig)")
+    verify.add_argument("--public-key", required=True, help="PEM public key of the signer")
+    pk = parsers["public-key"]
+    pk.add_argument("--server", required=True, help="service URL")
+    which = pk.add_mutually_exclusive_group(required=True)
+    which.add_argument("--environment", help="the active key of this authority")
+    which.add_argument("--signature", help="the key that signed this bundle (by its hint)")
+    pk.add_argument("--out", help="write the PEM here (default: stdout)")
+    return parser
+
+
+def _sign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="service URL, e.g. https://sign.example.com")
+    p.add_argument("--environment", required=True, help="signing environment (authority)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="API token (prefer MODELSIGN_TOKEN or --token-file)")
+    token.add_argument("--token-file", help="file holding the API token")
+    p.add_argument("--out", default="model.sig", help="bundle to write (default: model.sig)")
+    p.add_argument("--model-name", help="model name (default: the model path's name)")
+    p.add_argument(
+        "--model-version", help="version (default: $MODEL_VERSION, else the root digest's 12 hex)"
+    )
+    p.add_argument(
+        "--timeout", type=_positive, default=3600.0, help="seconds to wait for signing (3600)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not isinstance(exc, _expected_errors()):
+            raise
+        _error(str(exc))
+        return exc.exit_code if isinstance(exc, CliError) else EXIT_ERROR
