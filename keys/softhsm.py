@@ -127,18 +127,23 @@ def _run(
     conf_path: str | os.PathLike[str], args: list[str], tty_input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SOFTHSM2_CONF": str(Path(conf_path).resolve())}
-    if tty_input is None:
-        proc = subprocess.run(
-            [SOFTHSM2_UTIL, *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT_S,
-            check=False,
-        )
-    else:
-        proc = _run_with_tty(env, args, tty_input)
+    try:
+        if tty_input is None:
+            proc = subprocess.run(
+                [SOFTHSM2_UTIL, *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT_S,
+                check=False,
+            )
+        else:
+            proc = _run_with_tty(env, args, tty_input)
+    except FileNotFoundError:
+        raise SoftHSMError(
+            f"{SOFTHSM2_UTIL} not found: install Debian's softhsm2 or set SOFTHSM2_UTIL"
+        ) from None
     if proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip())[-500:]
         raise SoftHSMError(f"softhsm2-util {args[0]} failed ({proc.returncode}): {detail}")
