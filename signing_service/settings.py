@@ -167,6 +167,11 @@ PKCS11_MODULE = env_str("PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")
 #: PIN per authority: PKCS11_PIN_FILE_<AUTHORITY>, else PKCS11_PIN_FILE.
 PKCS11_PIN_FILE = env_path("PKCS11_PIN_FILE", VAR_DIR / "softhsm" / "user.pin")
 SOFTHSM_DIR = env_path("SOFTHSM_DIR", VAR_DIR / "softhsm")
+#: Vault transit: token from VAULT_TOKEN_FILE, or AppRole (VAULT_ROLE_ID + VAULT_SECRET_ID_FILE).
+VAULT_ADDR = env_str("VAULT_ADDR", "")
+VAULT_TRANSIT_MOUNT = env_str("VAULT_TRANSIT_MOUNT", "transit")
+VAULT_CACERT = env_str("VAULT_CACERT", "")
+VAULT_ROLE_ID = env_str("VAULT_ROLE_ID", "")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["signing_service.api.auth.ApiTokenAuthentication"],
