@@ -6,8 +6,10 @@ A ``SigningKey`` row never holds private material: ``key_ref`` is the backend's 
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -78,3 +80,78 @@ class SigningKey(models.Model):
         at = at or timezone.now()
         in_window = self.not_before <= at and (self.not_after is None or at < self.not_after)
         return self.state == KeyState.ACTIVE and in_window
+
+
+class CeremonyPurpose(models.TextChoices):
+    CREATE = "create"
+
+
+class CeremonyState(models.TextChoices):
+    OPEN = "open"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    EXPIRED = "expired"
+
+
+class KeyCeremony(models.Model):
+    """Creating a key needs ``ceremony_quorum`` distinct custodians, each with a fresh TOTP.
+
+    The key is generated only when the quorum is complete, in the same transaction that
+    records it; a ceremony that is aborted, expires or dies part-way leaves no usable key.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    authority = models.CharField(max_length=64)
+    purpose = models.CharField(max_length=16, choices=CeremonyPurpose.choices)
+    state = models.CharField(
+        max_length=16, choices=CeremonyState.choices, default=CeremonyState.OPEN
+    )
+    quorum = models.PositiveSmallIntegerField()
+    algorithm = models.CharField(max_length=16)
+    backend = models.CharField(max_length=16, choices=KeyBackendName.choices)
+    opened_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    opened_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+    key = models.ForeignKey(
+        SigningKey, null=True, blank=True, on_delete=models.PROTECT, related_name="ceremonies"
+    )
+    note = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["authority", "purpose"],
+                condition=Q(state="open"),
+                name="one_open_ceremony_per_purpose",
+            )
+        ]
+        ordering = ["-opened_at"]
+
+    def __str__(self) -> str:
+        return f"{self.purpose} ceremony for {self.authority} ({self.state})"
+
+
+class CeremonyConfirmation(models.Model):
+    ceremony = models.ForeignKey(
+        KeyCeremony, on_delete=models.PROTECT, related_name="confirmations"
+    )
+    custodian = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    custodian_identity = models.CharField(max_length=320)
+    confirmed_at = models.DateTimeField(default=timezone.now)
+    otp_verified_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["ceremony", "custodian"], name="one_confirmation_per_custodian"
+            )
+        ]
+        ordering = ["confirmed_at"]
+
+    def __str__(self) -> str:
+        return f"{self.custodian_identity} confirmed {self.ceremony_id}"

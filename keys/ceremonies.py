@@ -1,0 +1,204 @@
+"""Key ceremonies (SPEC section 9): creating a key takes a quorum of custodians.
+
+Rules, all enforced here for the web pages and ``manage.py key_ceremony`` alike:
+
+* only custodians of the authority (group ``custodians:<authority>``) open or confirm;
+* each confirmation needs a second factor verified within APPROVAL_OTP_MAX_AGE_SECONDS;
+  the opener's own confirmation counts as the first;
+* ``ceremony_quorum`` distinct custodians; the same person twice counts once (refused);
+* a ceremony must complete within CEREMONY_TTL_MINUTES, or it expires;
+* the key is generated only when the quorum completes, inside the transaction that records
+  it, so an aborted, expired or killed ceremony leaves no key the service would use;
+* the new key becomes active; the authority's previous active key enters ``transition``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from approvals.groups import custodian_group, identity_of
+from approvals.services import check_fresh_otp
+from keys.lifecycle import register_key, transition
+from keys.models import (
+    CeremonyConfirmation,
+    CeremonyPurpose,
+    CeremonyState,
+    KeyCeremony,
+    KeyState,
+    SigningKey,
+)
+from keys.registry import backend_for_authority
+from signing_service import audit
+from signing_service.policy import current_policy
+from signing_service.signing import SigningRefused
+
+
+def is_custodian(user: Any, authority: str) -> bool:
+    return bool(
+        getattr(user, "is_active", False)
+        and user.groups.filter(name=custodian_group(authority)).exists()
+    )
+
+
+def custodian_authorities(user: Any) -> list[str]:
+    if not getattr(user, "is_authenticated", False):
+        return []
+    prefix = custodian_group("")
+    names = user.groups.filter(name__startswith=prefix).values_list("name", flat=True)
+    return sorted(n[len(prefix) :] for n in names)
+
+
+def open_ceremony(
+    authority: str, user: Any, *, otp_verified_at: datetime | None, note: str = ""
+) -> KeyCeremony:
+    policy = current_policy()
+    auth = policy.authority(authority)
+    if auth is None or auth.backend not in ("pkcs11", "vault"):
+        raise SigningRefused("invalid", f"{authority!r} is not a key-based authority in the policy")
+    if not is_custodian(user, authority):
+        raise SigningRefused(
+            "not_custodian", f"you are not a key custodian for {authority!r}", status=403
+        )
+    verified = check_fresh_otp(otp_verified_at)
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            ceremony = KeyCeremony.objects.create(
+                authority=authority, purpose=CeremonyPurpose.CREATE, quorum=policy.key_management.ceremony_quorum,
+                algorithm=auth.key_algorithm, backend=auth.backend, opened_by=user, opened_at=now,
+                expires_at=now + timedelta(minutes=settings.CEREMONY_TTL_MINUTES), note=note[:500],
+            )  # fmt: skip
+            _confirm_row(ceremony, user, verified)
+            audit.record(
+                identity_of(user), "ceremony.opened", target=ceremony, data=_summary(ceremony)
+            )
+    except IntegrityError:
+        raise SigningRefused(
+            "ceremony_open", f"a key ceremony for {authority!r} is already open", status=409
+        ) from None
+    return ceremony
+
+
+def confirm(ceremony_id: Any, user: Any, *, otp_verified_at: datetime | None) -> KeyCeremony:
+    """Add one custodian's confirmation; generate and activate the key at the quorum."""
+    verified = check_fresh_otp(otp_verified_at)
+    try:
+        with transaction.atomic():
+            # Locked: two custodians confirming together must not generate two keys.
+            ceremony = KeyCeremony.objects.select_for_update().get(pk=ceremony_id)
+            _check_open(ceremony, user)
+            if ceremony.confirmations.filter(custodian=user).exists():
+                raise SigningRefused(
+                    "already_confirmed", "you have already confirmed this ceremony", status=409
+                )
+            _confirm_row(ceremony, user, verified)
+            audit.record(
+                identity_of(user), "ceremony.confirmed", target=ceremony, data=_summary(ceremony)
+            )
+            if ceremony.confirmations.count() >= ceremony.quorum:
+                _complete(ceremony, user)
+    except SigningRefused as exc:
+        if exc.code == "ceremony_expired":
+            _close(ceremony_id, CeremonyState.EXPIRED, "signing-service")
+        raise
+    return KeyCeremony.objects.get(pk=ceremony_id)
+
+
+def abort(ceremony_id: Any, user: Any, reason: str = "") -> KeyCeremony:
+    ceremony = KeyCeremony.objects.get(pk=ceremony_id)
+    if not is_custodian(user, ceremony.authority):
+        raise SigningRefused(
+            "not_custodian", "only a custodian may abort this ceremony", status=403
+        )
+    if not _close(ceremony_id, CeremonyState.ABORTED, identity_of(user), reason):
+        raise SigningRefused("ceremony_closed", f"the ceremony is {ceremony.state}", status=409)
+    return KeyCeremony.objects.get(pk=ceremony_id)
+
+
+def _check_open(ceremony: KeyCeremony, user: Any) -> None:
+    if not is_custodian(user, ceremony.authority):
+        raise SigningRefused(
+            "not_custodian", f"you are not a key custodian for {ceremony.authority!r}", status=403
+        )
+    if ceremony.state != CeremonyState.OPEN:
+        raise SigningRefused("ceremony_closed", f"the ceremony is {ceremony.state}", status=409)
+    if ceremony.expires_at <= timezone.now():
+        raise SigningRefused(
+            "ceremony_expired", "the ceremony expired before its quorum was reached", status=409
+        )
+
+
+def _confirm_row(ceremony: KeyCeremony, user: Any, verified: datetime) -> None:
+    CeremonyConfirmation.objects.create(
+        ceremony=ceremony,
+        custodian=user,
+        custodian_identity=identity_of(user),
+        otp_verified_at=verified,
+    )
+
+
+def _complete(ceremony: KeyCeremony, user: Any) -> None:
+    authority = current_policy().authority(ceremony.authority)
+    assert authority is not None
+    backend = backend_for_authority(ceremony.authority, ceremony.backend)
+    # Random suffix: a ceremony killed after generating leaves an unrecorded key on the
+    # backend (never used: the service only signs with keys it recorded); a retry must not
+    # collide with its label.
+    label = f"{ceremony.authority}-{timezone.now():%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+    generated = backend.generate(label, ceremony.algorithm)
+    previous = (
+        SigningKey.objects.select_for_update()
+        .filter(authority=ceremony.authority, state=KeyState.ACTIVE)
+        .first()
+    )
+    if previous is not None:
+        transition(
+            previous.pk,
+            KeyState.TRANSITION,
+            actor=identity_of(user),
+            reason=f"replaced by ceremony {ceremony.pk}",
+        )
+    witnesses = list(
+        ceremony.confirmations.values("custodian_identity", "confirmed_at", "otp_verified_at")
+    )
+    key = register_key(
+        ceremony.authority, backend, generated, algorithm=ceremony.algorithm, validity=authority.key_rotation,
+        actor=identity_of(user), activate=True,
+        transcript={"ceremony": str(ceremony.pk), "quorum": ceremony.quorum, "custodians": witnesses,
+                    "replaces": previous.hint if previous else None},
+    )  # fmt: skip
+    ceremony.state, ceremony.key, ceremony.closed_at = CeremonyState.COMPLETED, key, timezone.now()
+    ceremony.save(update_fields=["state", "key", "closed_at"])
+    audit.record(
+        identity_of(user),
+        "ceremony.completed",
+        target=ceremony,
+        data=_summary(ceremony) | {"key": key.hint},
+    )
+
+
+def _close(ceremony_id: Any, state: str, actor: str, reason: str = "") -> bool:
+    with transaction.atomic():
+        moved = KeyCeremony.objects.filter(pk=ceremony_id, state=CeremonyState.OPEN).update(
+            state=state, closed_at=timezone.now()
+        )
+        if moved:
+            ceremony = KeyCeremony.objects.get(pk=ceremony_id)
+            audit.record(actor, f"ceremony.{state}", target=ceremony, data={"reason": reason})
+    return bool(moved)
+
+
+def _summary(ceremony: KeyCeremony) -> dict[str, Any]:
+    return {
+        "authority": ceremony.authority,
+        "purpose": ceremony.purpose,
+        "quorum": ceremony.quorum,
+        "confirmations": ceremony.confirmations.count(),
+        "backend": ceremony.backend,
+    }
