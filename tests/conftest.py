@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.softhsm_fixtures", "tests.fixtures_service"]
+pytest_plugins = ["tests.softhsm_fixtures", "tests.fixtures_service", "tests.fixtures_browser"]

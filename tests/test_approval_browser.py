@@ -5,27 +5,18 @@ Playwright (the Python package) drives Debian's chromium headless; nothing is do
 
 from __future__ import annotations
 
-import base64
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from signing_service.models import SigningRequest
+from tests.fixtures_browser import CHROMIUM, PASSWORD, log_in, totp_now
 from tests.fixtures_service import model_signing_verify, write_model
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
-PASSWORD = "pw-" + "x" * 12
 
 pytestmark = [
     pytest.mark.softhsm,
@@ -34,36 +25,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed"),
 ]
-
-
-@pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls
-    # are still synchronous, so Django's async-safety guard must be told so.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
-
-
-def totp_now(secret_b32: str) -> str:
-    from django_otp.oath import TOTP
-
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    return f"{TOTP(key).token():06d}"
-
-
-def log_in(browser: Any, base: str, username: str) -> Any:
-    page = browser.new_context().new_page()
-    page.goto(f"{base}/login/")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
-    return page
 
 
 def enrol_and_approve(page: Any, base: str, req: SigningRequest) -> None:
