@@ -245,3 +245,28 @@ class AuditHead(models.Model):
 
     def __str__(self) -> str:
         return f"audit head #{self.seq}"
+
+
+class TrustDocument(models.Model):
+    """One version of the signed trust document (see :mod:`signing_service.trust`).
+
+    Written once per version and served exactly as stored, so every replica serves the same
+    bytes; the only later change is adding signatures of keys whose backend was down.
+    """
+
+    version = models.PositiveBigIntegerField(unique=True)
+    content_digest = models.CharField(
+        max_length=64, help_text="SHA-256 of the document without version and issued_at"
+    )
+    issued_at = models.DateTimeField()
+    envelope = models.TextField(help_text="The DSSE envelope JSON, exactly as served")
+    signed_by = models.JSONField(default=list, help_text="Hints of the keys that signed it")
+    signatures_checked_at = models.DateTimeField(
+        help_text="When signatures missing because a backend was down were last attempted"
+    )
+
+    class Meta:
+        ordering = ["-version"]
+
+    def __str__(self) -> str:
+        return f"trust document v{self.version}"

@@ -26,4 +26,5 @@ urlpatterns = [
     path("keys/<str:hint>.pem", views.KeyPemView.as_view(), name="key-pem"),
     path("schema/", SpectacularAPIView.as_view(api_version="1"), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-v1:schema"), name="docs"),
+    path("trust/", views.TrustDocumentView.as_view(), name="trust"),
 ]

@@ -6,8 +6,13 @@ from typing import Any
 
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import authentication, exceptions, permissions, status
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    inline_serializer,
+)
+from rest_framework import authentication, exceptions, permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -24,6 +29,7 @@ from signing_service.api.serializers import (
 from signing_service.bundle import BUNDLE_MEDIA_TYPE
 from signing_service.models import RequestState, SigningRequest
 from signing_service.signing import submit
+from signing_service.trust import TrustUnavailable, current_document
 
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key", str, OpenApiParameter.HEADER,
@@ -139,3 +145,41 @@ class KeyPemView(PublicView):
     def get(self, request: Request, hint: str) -> HttpResponse:
         key = get_object_or_404(SigningKey.objects.exclude(state="pending"), hint=hint)
         return HttpResponse(key.public_key_pem, content_type="application/x-pem-file")
+
+
+TRUST_ENVELOPE = inline_serializer(
+    "TrustEnvelope",
+    {
+        "payloadType": serializers.CharField(help_text="application/vnd.modelsign.trust.v1+json"),
+        "payload": serializers.CharField(help_text="base64 of the trust document JSON"),
+        "signatures": inline_serializer(
+            "TrustSignature",
+            {
+                "keyid": serializers.CharField(help_text="hint of the signing (active) key"),
+                "sig": serializers.CharField(help_text="base64 DER ECDSA over the DSSE PAE"),
+            },
+            many=True,
+        ),
+    },
+)
+
+
+class TrustDocumentView(PublicView):
+    """Served from the database as stored: cheap, and the same bytes on every replica."""
+
+    @extend_schema(
+        responses={
+            200: TRUST_ENVELOPE,
+            503: OpenApiResponse(description="no active key could sign the trust document"),
+        },
+        summary="The trust document for offline verifiers, signed by every active key",
+    )
+    def get(self, request: Request) -> HttpResponse | Response:
+        try:
+            doc = current_document()
+        except TrustUnavailable as exc:
+            return Response(error_body("trust_unavailable", str(exc)), status=503)
+        response = HttpResponse(doc.envelope, content_type="application/json")
+        # Revocations must reach verifiers: caches may keep it, but must revalidate.
+        response["Cache-Control"] = "no-cache"
+        return response

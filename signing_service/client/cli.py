@@ -1,4 +1,5 @@
-"""The `modelsign` command line: hash, sign (submit, wait, fetch), verify, public-key.
+"""The `modelsign` command line: hash, sign (submit, wait, fetch), verify, public-key,
+trust fetch.
 
 Exit codes: 0 success; 1 any error, a failed request or a failed verification; 2 the
 signing request was rejected, expired or cancelled; 130 interrupted.
@@ -25,7 +26,10 @@ from signing_service.client.progress import ProgressBar, StatusLine
 from signing_service.manifest import ManifestError, validate_resources
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from signing_service.bundle import VerifiedStatement
+    from signing_service.client import trust
     from signing_service.client.api import ServiceClient
 
 __all__ = ["EXIT_DENIED", "EXIT_ERROR", "EXIT_OK", "ci_metadata", "main"]
@@ -112,6 +116,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("signing_service.client.api", "ClientError"),
         ("signing_service.bundle", "BundleError"),
+        ("signing_service.client.trust", "TrustError"),
     ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
@@ -360,8 +365,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _statement_from_key(bundle_data: bytes, public_key_path: str) -> VerifiedStatement:
-    """Check the bundle's signature with one public key. (A ``--trust`` variant will pick
-    the key from a trust document and check its state and validity here instead.)"""
+    """Check the bundle's signature with one public key (``--public-key``)."""
     from signing_service import bundle
 
     try:
@@ -374,6 +378,75 @@ def _statement_from_key(bundle_data: bytes, public_key_path: str) -> VerifiedSta
         return bundle.verify_bundle(bundle_data, key)
     except bundle.VerificationError as exc:
         raise CliError(f"verification failed: {exc}") from None
+
+
+def _read_trust(path: str, option: str) -> trust.TrustDocument:
+    from signing_service.client import trust
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {option} {path}: {exc.strerror}") from None
+    try:
+        return trust.load_verified(data)
+    except trust.TrustError as exc:
+        raise CliError(f"{option} {path}: {exc}") from None
+
+
+def _signed_at(statement: VerifiedStatement, now: datetime) -> datetime:
+    """When the bundle says it was signed (signed metadata); ``now`` if it does not say."""
+    from signing_service.client import trust
+
+    value = statement.service_metadata.get("signed_at")
+    if value is None:
+        return now
+    try:
+        return trust.parse_time(value if isinstance(value, str) else "")
+    except trust.TrustError:
+        raise CliError(
+            f"verification failed: the bundle's signed_at {value!r} is not a time"
+        ) from None
+
+
+def _statement_from_trust(bundle_data: bytes, args: argparse.Namespace) -> VerifiedStatement:
+    """Pick the bundle's key from the trust document by hint, check the signature with it,
+    then the key's state and windows at the signing time (see ``trust.check_key``)."""
+    from datetime import UTC, datetime
+
+    from signing_service import bundle
+    from signing_service.client import trust
+
+    doc = _read_trust(args.trust, "--trust")
+    hint = bundle.bundle_hint(bundle.parse_bundle(bundle_data))
+    if hint is None:
+        raise CliError("verification failed: the bundle has no key hint (it is certificate-signed)")
+    key = doc.keys.get(hint)
+    if key is None:
+        raise CliError(f"verification failed: the signing key {hint[:16]} is not in {args.trust}")
+    try:
+        statement = bundle.verify_bundle(bundle_data, key.public_key)
+    except bundle.VerificationError as exc:
+        raise CliError(f"verification failed: {exc}") from None
+    now = args.at or datetime.now(UTC)
+    signed_at = _signed_at(statement, now)
+    try:
+        trust.check_key(doc, hint, signed_at, now)
+    except trust.TrustError as exc:
+        raise CliError(f"verification failed: {exc}") from None
+    _check_authority(statement, key)
+    _info(f"signed by {key.name} ({key.state}) at {trust.format_time(signed_at)}", args.quiet)
+    return statement
+
+
+def _check_authority(statement: VerifiedStatement, key: trust.TrustKey) -> None:
+    # The signed metadata names the authority; a key of another authority must not pass
+    # for it (a staging key vouching for a "production" bundle).
+    claimed = statement.service_metadata.get("authority")
+    if claimed is not None and claimed != key.authority:
+        raise CliError(
+            f"verification failed: the bundle says authority {_printable(claimed)!r} "
+            f"but {key.name} belongs to {key.authority!r}"
+        )
 
 
 def model_problems(
@@ -405,7 +478,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         data = signature.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read --signature {signature}: {exc.strerror}") from None
-    statement = _statement_from_key(data, args.public_key)
+    if args.at is not None and not args.trust:
+        raise CliError("--at only applies with --trust")
+    if args.trust:
+        statement = _statement_from_trust(data, args)
+    else:
+        statement = _statement_from_key(data, args.public_key)
     extra = _user_ignore_paths(model, args.ignore_paths)
     if (sig := _inside_model(model, signature)) is not None:
         extra.append(sig)
@@ -457,6 +535,64 @@ def cmd_public_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- trust fetch -----------------------------------------------------------------------
+
+
+def _trust_anchors(args: argparse.Namespace, doc: trust.TrustDocument) -> set[str]:
+    """Hints of the keys the caller already trusts (or, on first use, the signers)."""
+    from datetime import UTC, datetime
+
+    from signing_service.client import trust
+
+    if args.pin_key:
+        return trust.pinned_hints(_read_pins(args.pin_key))
+    if args.previous:
+        previous = _read_trust(args.previous, "--previous")
+        trust.check_not_older(previous, doc)
+        return trust.previous_anchors(previous, datetime.now(UTC))
+    if not args.trust_on_first_use:
+        raise CliError(
+            "nothing to check the trust document against: give --pin-key PEM (a signing key "
+            "you got out of band) or --previous trust.json, or --trust-on-first-use"
+        )
+    signers = trust.signers(doc)
+    for key in signers:  # print them so they can be checked against what the operator says
+        print(f"modelsign: trusting on first use: {key.name}: sha256:{key.hint}", file=sys.stderr)
+    return {key.hint for key in signers}
+
+
+def _read_pins(paths: Sequence[str]) -> list[bytes]:
+    pins = []
+    for path in paths:
+        try:
+            pins.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise CliError(f"cannot read --pin-key {path}: {exc.strerror}") from None
+    return pins
+
+
+def cmd_trust_fetch(args: argparse.Namespace) -> int:
+    from signing_service.client import trust
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    data = trust.fetch(_client(args.server, None))
+    try:
+        doc = trust.load_verified(data, "the server's trust document")
+        trusted = trust.trusted_signers(doc, _trust_anchors(args, doc))
+    except trust.TrustError as exc:
+        raise CliError(f"refusing the trust document: {exc}; nothing was written") from None
+    _write_atomic(out, data)  # as fetched: it can be re-verified offline
+    names = ", ".join(k.name for k in trusted)
+    _info(
+        f"trust document version {doc.version} ({len(doc.keys)} keys), signed by {names}",
+        args.quiet,
+    )
+    print(out)
+    return EXIT_OK
+
+
 # --- parser ----------------------------------------------------------------------------
 
 
@@ -490,8 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("hash", "print a model's resource list as JSON", cmd_hash),
         ("sign", "hash a model, have the service sign it, write the bundle", cmd_sign),
-        ("verify", "verify a model against a bundle and a public key", cmd_verify),
+        ("verify", "verify a model against a bundle and a public key or trust file", cmd_verify),
         ("public-key", "fetch a signing public key from the service", cmd_public_key),
+        ("trust", "fetch the service's signed trust document", _trust_usage),
     ]
     parsers = {name: sub.add_parser(name, help=text) for name, text, _ in commands}
     for name, _, func in commands:
@@ -499,9 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("hash", "sign", "verify"):
         _hashing_options(parsers[name])
     _sign_options(parsers["sign"])
-    verify = parsers["verify"]
-    verify.add_argument("--signature", required=True, help="the bundle (model.sig)")
-    verify.add_argument("--public-key", required=True, help="PEM public key of the signer")
+    _verify_options(parsers["verify"])
+    _trust_options(parsers["trust"])
     pk = parsers["public-key"]
     pk.add_argument("--server", required=True, help="service URL")
     which = pk.add_mutually_exclusive_group(required=True)
@@ -509,6 +645,52 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--signature", help="the key that signed this bundle (by its hint)")
     pk.add_argument("--out", help="write the PEM here (default: stdout)")
     return parser
+
+
+def _verify_options(p: argparse.ArgumentParser) -> None:
+    from signing_service.client.trust import TrustError, parse_time
+
+    def when(text: str) -> datetime:
+        try:
+            return parse_time(text)
+        except TrustError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    p.add_argument("--signature", required=True, help="the bundle (model.sig)")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--public-key", help="PEM public key of the signer")
+    key.add_argument("--trust", help="trust document from `modelsign trust fetch`")
+    p.add_argument(
+        "--at",
+        type=when,
+        help="with --trust: judge key windows at this ISO 8601 time (UTC if no offset; default now)",
+    )
+
+
+def _trust_usage(args: argparse.Namespace) -> int:
+    # Unreachable (a subcommand is required); keeps the command table uniform.
+    raise CliError("usage: modelsign trust fetch --server URL [--out trust.json] ...")
+
+
+def _trust_options(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="trust_command", required=True, metavar="SUBCOMMAND")
+    fetch = sub.add_parser("fetch", help="fetch and check the trust document; write it as fetched")
+    fetch.set_defaults(func=cmd_trust_fetch)
+    fetch.add_argument("--server", required=True, help="service URL")
+    fetch.add_argument("--out", default="trust.json", help="where to write it (trust.json)")
+    fetch.add_argument("--quiet", action="store_true")
+    anchor = fetch.add_mutually_exclusive_group()
+    anchor.add_argument(
+        "--pin-key", nargs="+", action="extend", metavar="PEM", help="signing public keys you trust"
+    )
+    anchor.add_argument(
+        "--previous", help="a trust document fetched before: trust its active and transition keys"
+    )
+    anchor.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="first use only: trust whichever active keys signed it (prints their fingerprints)",
+    )
 
 
 def _sign_options(p: argparse.ArgumentParser) -> None:
