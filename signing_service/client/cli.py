@@ -256,6 +256,7 @@ def _wait(
             _sleep(min(interval, left), status, text)
             req = client.get(self_url)
             if req.get("state") in FINAL_STATES:
+                status.update(_describe(req))  # the closing line shows the outcome, not the wait
                 return req
             interval = min(interval * POLL_FACTOR, POLL_MAX)
 
