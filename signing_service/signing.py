@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -336,7 +338,15 @@ def _check_signature(key: SigningKey, payload: bytes, der: bytes) -> None:
 
 
 def _store(req: SigningRequest, key: SigningKey, payload: bytes, der: bytes) -> SigningRequest:
-    bundle_json = bundle.bundle_bytes(bundle.build_bundle(payload, der, hint=key.hint)).decode()
+    if key.certificate_chain_pem:
+        # A key with an org CA certificate ships its chain (leaf first) so verifiers can
+        # trust it through their CA root instead of holding our public key.
+        chain = x509.load_pem_x509_certificates(key.certificate_chain_pem.encode("ascii"))
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
+        built = bundle.build_bundle(payload, der, certificate_chain_der=ders)
+    else:
+        built = bundle.build_bundle(payload, der, hint=key.hint)
+    bundle_json = bundle.bundle_bytes(built).decode()
     now = timezone.now()
     try:
         with transaction.atomic():
