@@ -1,4 +1,4 @@
-"""Key ceremonies (SPEC section 9): creating a key takes a quorum of custodians.
+"""Key ceremonies (SPEC section 9): creating or destroying a key takes a quorum of custodians.
 
 Rules, all enforced here for the web pages and ``manage.py key_ceremony`` alike:
 
@@ -9,7 +9,9 @@ Rules, all enforced here for the web pages and ``manage.py key_ceremony`` alike:
 * a ceremony must complete within CEREMONY_TTL_MINUTES, or it expires;
 * the key is generated only when the quorum completes, inside the transaction that records
   it, so an aborted, expired or killed ceremony leaves no key the service would use;
-* the new key becomes active; the authority's previous active key enters ``transition``.
+* the new key becomes active; the authority's previous active key enters ``transition``;
+* only a retired or revoked key can be destroyed; destroying deletes the private key in the
+  backend (PKCS#11 C_DestroyObject) and keeps its public record for verifiers and audits.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ from django.utils import timezone
 
 from approvals.groups import custodian_group, identity_of
 from approvals.services import check_fresh_otp
+from keys.backends.base import GeneratedKey
 from keys.lifecycle import register_key, transition
 from keys.models import (
     CeremonyConfirmation,
     CeremonyPurpose,
     CeremonyState,
+    KeyBackendName,
     KeyCeremony,
     KeyState,
     SigningKey,
 )
-from keys.registry import backend_for_authority
+from keys.registry import backend_for, backend_for_authority
 from signing_service import audit
 from signing_service.policy import current_policy
 from signing_service.signing import SigningRefused
@@ -55,8 +59,15 @@ def custodian_authorities(user: Any) -> list[str]:
 
 
 def open_ceremony(
-    authority: str, user: Any, *, otp_verified_at: datetime | None, note: str = ""
+    authority: str,
+    user: Any,
+    *,
+    otp_verified_at: datetime | None,
+    note: str = "",
+    purpose: str = CeremonyPurpose.CREATE,
+    key: SigningKey | None = None,
 ) -> KeyCeremony:
+    """Open a ceremony to create a key, or to destroy ``key`` (retired or revoked only)."""
     policy = current_policy()
     auth = policy.authority(authority)
     if auth is None or auth.backend not in ("pkcs11", "vault"):
@@ -65,13 +76,15 @@ def open_ceremony(
         raise SigningRefused(
             "not_custodian", f"you are not a key custodian for {authority!r}", status=403
         )
+    _check_purpose(authority, purpose, key)
     verified = check_fresh_otp(otp_verified_at)
     now = timezone.now()
     try:
         with transaction.atomic():
             ceremony = KeyCeremony.objects.create(
-                authority=authority, purpose=CeremonyPurpose.CREATE, quorum=policy.key_management.ceremony_quorum,
-                algorithm=auth.key_algorithm, backend=auth.backend, opened_by=user, opened_at=now,
+                authority=authority, purpose=purpose, quorum=policy.key_management.ceremony_quorum,
+                algorithm=key.algorithm if key else auth.key_algorithm,
+                backend=key.backend if key else auth.backend, key=key, opened_by=user, opened_at=now,
                 expires_at=now + timedelta(minutes=settings.CEREMONY_TTL_MINUTES), note=note[:500],
             )  # fmt: skip
             _confirm_row(ceremony, user, verified)
@@ -83,6 +96,22 @@ def open_ceremony(
             "ceremony_open", f"a key ceremony for {authority!r} is already open", status=409
         ) from None
     return ceremony
+
+
+def _check_purpose(authority: str, purpose: str, key: SigningKey | None) -> None:
+    if purpose == CeremonyPurpose.CREATE:
+        if key is not None:
+            raise SigningRefused("invalid", "a create ceremony does not name a key")
+        return
+    if purpose != CeremonyPurpose.DESTROY:
+        raise SigningRefused("invalid", f"unknown ceremony purpose {purpose!r}")
+    if key is None or key.authority != authority:
+        raise SigningRefused("invalid", f"name a key of {authority!r} to destroy")
+    if key.state not in (KeyState.RETIRED, KeyState.REVOKED) or key.destroyed_at is not None:
+        raise SigningRefused(
+            "invalid", f"only a retired or revoked key can be destroyed; this one is {key.state}"
+            + (" and already destroyed" if key.destroyed_at else "")
+        )  # fmt: skip
 
 
 def confirm(ceremony_id: Any, user: Any, *, otp_verified_at: datetime | None) -> KeyCeremony:
@@ -102,7 +131,10 @@ def confirm(ceremony_id: Any, user: Any, *, otp_verified_at: datetime | None) ->
                 identity_of(user), "ceremony.confirmed", target=ceremony, data=_summary(ceremony)
             )
             if ceremony.confirmations.count() >= ceremony.quorum:
-                _complete(ceremony, user)
+                if ceremony.purpose == CeremonyPurpose.DESTROY:
+                    _complete_destroy(ceremony, user)
+                else:
+                    _complete(ceremony, user)
     except SigningRefused as exc:
         if exc.code == "ceremony_expired":
             _close(ceremony_id, CeremonyState.EXPIRED, "signing-service")
@@ -151,12 +183,12 @@ def _complete(ceremony: KeyCeremony, user: Any) -> None:
     # backend (never used: the service only signs with keys it recorded); a retry must not
     # collide with its label.
     label = f"{ceremony.authority}-{timezone.now():%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
-    generated = backend.generate(label, ceremony.algorithm)
     previous = (
         SigningKey.objects.select_for_update()
         .filter(authority=ceremony.authority, state=KeyState.ACTIVE)
         .first()
     )
+    generated = _new_key(backend, ceremony, previous, label)
     if previous is not None:
         transition(
             previous.pk,
@@ -175,6 +207,47 @@ def _complete(ceremony: KeyCeremony, user: Any) -> None:
     )  # fmt: skip
     ceremony.state, ceremony.key, ceremony.closed_at = CeremonyState.COMPLETED, key, timezone.now()
     ceremony.save(update_fields=["state", "key", "closed_at"])
+    audit.record(
+        identity_of(user),
+        "ceremony.completed",
+        target=ceremony,
+        data=_summary(ceremony) | {"key": key.hint},
+    )
+
+
+def _new_key(
+    backend: Any, ceremony: KeyCeremony, previous: SigningKey | None, label: str
+) -> GeneratedKey:
+    """A new HSM key; in Vault, a new version of the transit key the previous key pinned.
+
+    Rotating in Vault raises min_encryption_version, so the previous version stops signing
+    there too, while its signatures keep verifying with its recorded public key.
+    """
+    if (
+        ceremony.backend == KeyBackendName.VAULT
+        and previous is not None
+        and previous.backend == KeyBackendName.VAULT
+    ):
+        ref = backend.rotate(previous.key_ref)
+        return GeneratedKey(key_ref=ref, public_key=backend.public_key(ref))
+    return backend.generate(label, ceremony.algorithm)
+
+
+def _complete_destroy(ceremony: KeyCeremony, user: Any) -> None:
+    key = SigningKey.objects.select_for_update().get(pk=ceremony.key_id)
+    _check_purpose(ceremony.authority, ceremony.purpose, key)
+    destroyed = backend_for(key).destroy(key.key_ref)
+    key.destroyed_at = timezone.now()
+    key.save(update_fields=["destroyed_at"])
+    ceremony.state, ceremony.closed_at = CeremonyState.COMPLETED, timezone.now()
+    ceremony.save(update_fields=["state", "closed_at"])
+    witnesses = list(
+        ceremony.confirmations.values("custodian_identity", "confirmed_at", "otp_verified_at")
+    )
+    audit.record(
+        identity_of(user), "key.destroyed", target=key,
+        data={"ceremony": str(ceremony.pk), "hint": key.hint, "destroyed": destroyed, "custodians": witnesses},
+    )  # fmt: skip
     audit.record(
         identity_of(user),
         "ceremony.completed",

@@ -56,6 +56,13 @@ class SigningKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     revocation_effective_at = models.DateTimeField(null=True, blank=True)
     revocation_reason = models.CharField(max_length=64, blank=True)
+    #: When a destroy ceremony deleted the private key; the public record stays for verifiers.
+    destroyed_at = models.DateTimeField(null=True, blank=True)
+    certificate_chain_pem = models.TextField(
+        blank=True,
+        help_text="The org CA's certificate chain for this key, PEM, leaf first (no root); "
+        "when set, bundles carry it instead of the key hint.",
+    )
 
     objects = SigningKeyQuerySet.as_manager()
 
@@ -84,6 +91,7 @@ class SigningKey(models.Model):
 
 class CeremonyPurpose(models.TextChoices):
     CREATE = "create"
+    DESTROY = "destroy"
 
 
 class CeremonyState(models.TextChoices):

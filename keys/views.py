@@ -76,12 +76,24 @@ def open_view(request: HttpRequest) -> HttpResponseRedirect:
     authority = request.POST.get("authority", "")
     if authority not in _authorities(request):
         raise Http404("you are not a key custodian for that authority")
+    purpose = request.POST.get("purpose", "create")
+    key = None
+    if purpose == "destroy":
+        key = SigningKey.objects.filter(
+            pk=request.POST.get("key") or 0, authority=authority
+        ).first()
+        if key is None:
+            raise Http404("no such key")
 
     def act(verified: Any) -> str:
         c = ceremonies.open_ceremony(
-            authority, request.user, otp_verified_at=verified, note=request.POST.get("note", "")
+            authority, request.user, otp_verified_at=verified, note=request.POST.get("note", ""),
+            purpose=purpose, key=key,
+        )  # fmt: skip
+        return (
+            f"Ceremony to {c.purpose} a {authority} key opened: 1 of {c.quorum} custodians. "
+            "Ask another custodian to confirm."
         )
-        return f"Ceremony opened for {authority}: 1 of {c.quorum} custodians. Ask another custodian to confirm."
 
     return _act(request, act)
 
@@ -93,6 +105,8 @@ def confirm_view(request: HttpRequest, pk: Any) -> HttpResponseRedirect:
 
     def act(verified: Any) -> str:
         c = ceremonies.confirm(pk, request.user, otp_verified_at=verified)
+        if c.state == "completed" and c.purpose == "destroy":
+            return f"Ceremony complete: {c.authority} key {c.key.fingerprint} destroyed on the backend."
         if c.key is not None:
             return f"Ceremony complete: new active {c.authority} key {c.key.fingerprint}."
         return f"Confirmed: {c.confirmations.count()} of {c.quorum} custodians."

@@ -75,3 +75,36 @@ def test_two_custodians_run_a_ceremony_in_the_pages(
         .json()
     )
     assert body["key"]["hint"] == ceremony.key.hint
+
+
+@pytest.mark.softhsm
+@pytest.mark.django_db
+def test_custodians_destroy_a_retired_key_in_the_pages(make_user: Any, active_keys: Any) -> None:
+    from keys.lifecycle import transition
+
+    old = active_keys["staging"]
+    transition(old.pk, KeyState.TRANSITION, actor="t")
+    transition(old.pk, KeyState.RETIRED, actor="t")
+    kim, lee = make_custodian(make_user, "kim"), make_custodian(make_user, "lee")
+    clients = {u.username: Client() for u in (kim, lee)}
+    for user in (kim, lee):
+        clients[user.username].force_login(user)
+    page = clients["kim"].get("/custodian/").content.decode()
+    assert "Destroy (ceremony)" in page
+    form = {
+        "authority": "staging",
+        "purpose": "destroy",
+        "key": old.pk,
+        "otp_token": totp_code(totp_device(kim)),
+    }
+    assert (
+        b"Ceremony to destroy"
+        in clients["kim"].post("/custodian/ceremonies/open", form, follow=True).content
+    )
+    ceremony = KeyCeremony.objects.get()
+    lee_code = totp_code(totp_device(lee))
+    done = clients["lee"].post(
+        f"/custodian/ceremonies/{ceremony.pk}/confirm", {"otp_token": lee_code}, follow=True
+    )
+    assert b"destroyed on the backend" in done.content
+    assert SigningKey.objects.get(pk=old.pk).destroyed_at is not None

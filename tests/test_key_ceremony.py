@@ -167,3 +167,37 @@ def test_the_runbook_command_runs_a_ceremony(custodian: Any, active_keys: Any, c
     out = capsys.readouterr().out
     assert "1 of 2 custodians" in out and "completed: new active key" in out
     assert KeyCeremony.objects.get().state == CeremonyState.COMPLETED
+
+
+@pytest.mark.django_db
+def test_two_custodians_destroy_a_retired_key_on_the_hsm(
+    custodian: Any, active_keys: Any, hsm: Any
+) -> None:
+    from keys import registry
+    from keys.backends.base import KeyNotUsable
+    from keys.lifecycle import transition
+
+    old = active_keys["staging"]
+    kim, lee = custodian("kim"), custodian("lee")
+    with pytest.raises(SigningRefused, match="only a retired or revoked key"):
+        ceremonies.open_ceremony("staging", kim, otp_verified_at=now(), purpose="destroy", key=old)
+    transition(old.pk, KeyState.TRANSITION, actor="t")
+    transition(old.pk, KeyState.RETIRED, actor="t")
+    c = ceremonies.open_ceremony(
+        "staging",
+        kim,
+        otp_verified_at=now(),
+        purpose="destroy",
+        key=SigningKey.objects.get(pk=old.pk),
+    )
+    assert registry.backend_for(old).public_key(old.key_ref) is not None  # still on the token
+    ceremonies.confirm(c.pk, lee, otp_verified_at=now())
+    destroyed = SigningKey.objects.get(pk=old.pk)
+    assert destroyed.destroyed_at is not None and destroyed.public_key_pem == old.public_key_pem
+    with pytest.raises(KeyNotUsable, match="no private key"):
+        registry.backend_for(old).check_usable(old.key_ref)
+    entry = AuditEntry.objects.get(action="key.destroyed")
+    assert [w["custodian_identity"] for w in entry.data["custodians"]] == [
+        "kim@company.com",
+        "lee@company.com",
+    ]

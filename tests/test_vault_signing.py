@@ -71,3 +71,31 @@ def test_a_sealed_vault_fails_the_request_with_a_reason(
         "/api/v1/signing-requests/", request_body(version="2"), format="json"
     )
     assert again.json()["state"] == "signed"
+
+
+def test_a_ceremony_on_vault_rotates_the_transit_key_and_pins_the_new_version(
+    api: Any, issue_token: Any, vault_staging: Any, make_user: Any
+) -> None:
+    from django.contrib.auth.models import Group
+    from django.utils import timezone
+
+    from approvals.groups import custodian_group
+    from keys import ceremonies
+    from keys.models import KeyState, SigningKey
+
+    users = []
+    for name in ("kim", "lee"):
+        user = make_user(name, approves=())
+        user.groups.add(Group.objects.get_or_create(name=custodian_group("staging"))[0])
+        users.append(user)
+    c = ceremonies.open_ceremony("staging", users[0], otp_verified_at=timezone.now())
+    new = ceremonies.confirm(c.pk, users[1], otp_verified_at=timezone.now()).key
+    assert new is not None
+    assert new.key_ref == {**vault_staging.key_ref, "version": 2}
+    assert SigningKey.objects.get(pk=vault_staging.pk).state == KeyState.TRANSITION
+    body = (
+        authed(api, issue_token())
+        .post("/api/v1/signing-requests/", request_body(), format="json")
+        .json()
+    )
+    assert body["state"] == "signed" and body["key"]["hint"] == new.hint

@@ -69,3 +69,10 @@ class KeyBackend(abc.ABC):
     @abc.abstractmethod
     def health(self) -> Health:
         """Whether the backend can sign right now."""
+
+    def destroy(self, key_ref: KeyRef) -> dict[str, Any]:
+        """Destroy the private key in the backend, irreversibly; return what was destroyed.
+
+        Only a completed destroy ceremony calls this, for a retired or revoked key.
+        """
+        raise KeyBackendError(f"the {self.name} backend cannot destroy keys")

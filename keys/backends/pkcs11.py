@@ -414,6 +414,25 @@ class Pkcs11Backend(KeyBackend):
         digest = curve.hash_fn(pae_bytes).digest()
         return self._call(self._sign_digest, kid, pae_bytes, curve, digest)
 
+    def destroy(self, key_ref: KeyRef) -> dict[str, Any]:
+        """C_DestroyObject on the private key (and its public half); forget the handle."""
+        kid = self._parse_ref(key_ref)
+        return self._call(self._destroy, kid)
+
+    def _destroy(self, kid: _KeyId) -> dict[str, Any]:
+        ts = self._token_state()
+        ts.keys.pop(kid.id, None)
+        self._curves.pop(kid.id, None)
+        private = _find_key(ts.session, ObjectClass.PRIVATE_KEY, kid)
+        destroyed = {"token": kid.token, "label": kid.label, "id": kid.id.hex(), "private": True}
+        private.destroy()
+        try:
+            _find_key(ts.session, ObjectClass.PUBLIC_KEY, kid).destroy()
+            destroyed["public"] = True
+        except KeyNotUsable:
+            destroyed["public"] = False  # already gone; the private half is what matters
+        return destroyed
+
     def health(self) -> Health:
         try:
             return self._call(self._health)

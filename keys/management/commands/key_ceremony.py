@@ -39,6 +39,8 @@ class Command(BaseCommand):
         opening = sub.add_parser("open", help="open a ceremony to create a new key")
         opening.add_argument("--authority", required=True)
         opening.add_argument("--note", default="")
+        opening.add_argument("--purpose", choices=["create", "destroy"], default="create")
+        opening.add_argument("--key", help="with --purpose destroy: the key's id or hint prefix")
         for name in ("confirm", "abort"):
             p = sub.add_parser(name)
             p.add_argument("ceremony")
@@ -59,11 +61,24 @@ class Command(BaseCommand):
 
     def _open(self, opts: dict[str, Any]) -> None:
         user, verified = _verified_user(opts["user"], opts["otp"])
+        key = None
+        if opts["purpose"] == "destroy":
+            from keys.certificates import CertificateError, resolve_key
+
+            if not opts["key"]:
+                raise CommandError("--purpose destroy needs --key")
+            try:
+                key = resolve_key(opts["key"])
+            except CertificateError as exc:
+                raise CommandError(str(exc)) from None
         c = ceremonies.open_ceremony(
-            opts["authority"], user, otp_verified_at=verified, note=opts["note"]
+            opts["authority"], user, otp_verified_at=verified, note=opts["note"],
+            purpose=opts["purpose"], key=key,
+        )  # fmt: skip
+        self.stdout.write(
+            f"opened {c.purpose} ceremony {c.pk} for {c.authority}: 1 of {c.quorum} custodians, "
+            f"expires {c.expires_at:%Y-%m-%d %H:%M} UTC"
         )
-        self.stdout.write(f"opened ceremony {c.pk} for {c.authority}: 1 of {c.quorum} custodians, "
-                          f"expires {c.expires_at:%Y-%m-%d %H:%M} UTC")  # fmt: skip
 
     def _confirm(self, opts: dict[str, Any]) -> None:
         user, verified = _verified_user(opts["user"], opts["otp"])
