@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from django.conf import settings
 
@@ -84,5 +85,23 @@ def backend_for_authority(authority: str, backend: str) -> KeyBackend:
 
 def reset() -> None:
     """Forget backend objects (tests, and after settings change)."""
+    global _sigstore
     with _lock:
         _backends.clear()
+        _sigstore = None
+
+
+_sigstore: Any = None
+
+
+def sigstore_signer() -> Any:
+    """The keyless signer (public-good Sigstore, or the instance SIGSTORE_TRUST_CONFIG names)."""
+    global _sigstore
+    from keys.backends.sigstore_keyless import SigstoreKeylessSigner
+
+    with _lock:
+        if _sigstore is None:
+            _sigstore = SigstoreKeylessSigner(
+                settings.SIGSTORE_TRUST_CONFIG or None, staging=settings.SIGSTORE_STAGING
+            )
+        return _sigstore

@@ -118,7 +118,12 @@ class SignatureState(models.TextChoices):
 
 class Signature(models.Model):
     request = models.ForeignKey(SigningRequest, on_delete=models.PROTECT, related_name="signatures")
-    key = models.ForeignKey(SigningKey, on_delete=models.PROTECT, related_name="signatures")
+    #: The service-held key that signed; null for keyless (Sigstore) signatures.
+    key = models.ForeignKey(
+        SigningKey, null=True, blank=True, on_delete=models.PROTECT, related_name="signatures"
+    )
+    #: For keyless signatures: the identity in the short-lived Fulcio certificate.
+    signer_identity = models.CharField(max_length=320, blank=True)
     bundle = models.TextField(help_text="The Sigstore bundle JSON, exactly as served")
     payload_digest = models.CharField(max_length=64, help_text="SHA-256 of the signed statement")
     state = models.CharField(

@@ -184,6 +184,12 @@ def _keyless(name: str, node: object, where: str) -> Authority:
     if "identity_provider" in body:
         _string(body["identity_provider"], f"{where}.identity_provider")
     requires_approval = _bool(body["requires_approval"], f"{where}.requires_approval")
+    if requires_approval:
+        # The caller's identity token lives minutes; approvals can take days.
+        raise PolicyError(
+            f"{where}.requires_approval",
+            "keyless authorities sign while the request is made and cannot wait for approval",
+        )
     return Authority(
         name=name,
         type="keyless",

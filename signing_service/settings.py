@@ -175,6 +175,9 @@ VAULT_ADDR = env_str("VAULT_ADDR", "")
 VAULT_TRANSIT_MOUNT = env_str("VAULT_TRANSIT_MOUNT", "transit")
 VAULT_CACERT = env_str("VAULT_CACERT", "")
 VAULT_ROLE_ID = env_str("VAULT_ROLE_ID", "")
+#: Keyless authorities: a private Sigstore instance's ClientTrustConfig JSON, or public-good.
+SIGSTORE_TRUST_CONFIG = env_str("SIGSTORE_TRUST_CONFIG", "")
+SIGSTORE_STAGING = env_bool("SIGSTORE_STAGING", False)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["signing_service.api.auth.ApiTokenAuthentication"],

@@ -65,6 +65,8 @@ class Submission:
     resources: list[Resource]
     ignore_paths: list[str]
     ci: dict[str, str]
+    #: Keyless only: the caller's OIDC identity token for Fulcio. Used once, never stored.
+    identity_token: str | None = field(default=None, repr=False)
 
 
 # --- statements ------------------------------------------------------------------------
@@ -93,11 +95,13 @@ def statement_digest(req: SigningRequest) -> str:
     return bundle.payload_digest(bundle.statement_payload(base_statement(req)))
 
 
-def _signed_statement(req: SigningRequest, key: SigningKey, signed_at: str) -> dict[str, Any]:
+def _signed_statement(
+    req: SigningRequest, key: SigningKey | None, signed_at: str
+) -> dict[str, Any]:
     meta = _base_metadata(req) | {
         "statement_digest": req.statement_digest,
         "policy_digest": req.policy_digest,
-        "key_hint": key.hint,
+        "key_hint": key.hint if key else None,
         "signed_at": signed_at,
         "approvals": _approvals_for_statement(req),
     }
@@ -153,13 +157,35 @@ def authorize(principal: Principal, environment: str) -> Authority:
             f"identity {principal.identity!r} is not an authorized signer for {environment!r}",
             status=403,
         )
-    if authority.backend == "sigstore":
-        raise SigningRefused(
-            "not_supported",
-            f"{environment!r} uses keyless Sigstore signing, which this deployment cannot do yet",
-            status=501,
-        )
     return authority
+
+
+def check_keyless_identity(authority: Authority, identity_token: str | None) -> str:
+    """The identity Fulcio will certify, if the policy allows it; before any network call.
+
+    The token's signature is not verified here (Fulcio verifies it); this only keeps
+    identities the policy does not allow from ever reaching Fulcio.
+    """
+    from keys.backends.base import KeyBackendError
+    from keys.registry import sigstore_signer
+
+    if not identity_token:
+        raise SigningRefused(
+            "identity_token_required",
+            f"{authority.name!r} signs keyless: send the job's OIDC identity token in the "
+            "Sigstore-Identity-Token header",
+        )
+    try:
+        identity, _issuer = sigstore_signer().identity_of(identity_token)
+    except KeyBackendError as exc:
+        raise SigningRefused("identity_token_invalid", str(exc)) from None
+    if not authority.allows_signer(identity):
+        raise SigningRefused(
+            "signer_not_authorized",
+            f"identity {identity!r} is not in allowed_identities of {authority.name!r}",
+            status=403,
+        )
+    return identity
 
 
 def submit(
@@ -167,6 +193,8 @@ def submit(
 ) -> tuple[SigningRequest, bool]:
     """Create (or, for a retried Idempotency-Key, return) a request. Returns (request, created)."""
     authority = authorize(principal, sub.environment)
+    if authority.backend == "sigstore":
+        check_keyless_identity(authority, sub.identity_token)
     digest = body_digest(sub)
     if idempotency_key:
         existing = _replay(principal, idempotency_key, digest)
@@ -181,7 +209,10 @@ def submit(
             raise
         return existing, False
     if req.state == RequestState.APPROVED:
-        req = sign(req.pk)
+        if authority.backend == "sigstore":
+            req = sign_keyless(req.pk, authority, sub.identity_token or "")
+        else:
+            req = sign(req.pk)
     return req, True
 
 
@@ -271,6 +302,34 @@ def sign(request_id: Any) -> SigningRequest:
     return _store(req, key, payload, der)
 
 
+def sign_keyless(request_id: Any, authority: Authority, identity_token: str) -> SigningRequest:
+    """Sign with a short-lived Fulcio certificate for the caller; the log entry is in the bundle."""
+    from keys.backends.base import KeyBackendError
+    from keys.registry import sigstore_signer
+
+    claimed = SigningRequest.objects.filter(pk=request_id, state=RequestState.APPROVED).update(
+        state=RequestState.SIGNING, updated_at=timezone.now()
+    )
+    req = SigningRequest.objects.get(pk=request_id)
+    if not claimed:
+        return req
+    try:
+        if statement_digest(req) != req.statement_digest:
+            raise SigningRefused(
+                "digest_mismatch", "the request's statement no longer matches its digest"
+            )
+        statement = _signed_statement(req, None, timezone.now().isoformat())
+        signer = sigstore_signer()
+        identity, _ = signer.identity_of(identity_token)
+        result = signer.sign_statement(
+            statement, identity_token, allowed_identities=authority.authorized_signers
+        )
+    except (SigningRefused, KeyBackendError) as exc:
+        return _fail(req, str(exc))
+    bundle_json = json.dumps(result, indent=2) + "\n"
+    return _record_signature(req, None, bundle_json, bundle.statement_payload(statement), identity)
+
+
 def _check_before_signing(req: SigningRequest) -> SigningKey:
     if statement_digest(req) != req.statement_digest:
         raise SigningRefused(
@@ -280,6 +339,10 @@ def _check_before_signing(req: SigningRequest) -> SigningKey:
     if authority is None:
         raise SigningRefused(
             "policy_changed", f"authority {req.authority!r} is no longer in the policy"
+        )
+    if authority.backend == "sigstore":
+        raise SigningRefused(
+            "keyless_expired", "keyless requests are signed only while they are submitted"
         )
     if not authority.allows_signer(req.requester):
         raise SigningRefused(
@@ -346,13 +409,24 @@ def _store(req: SigningRequest, key: SigningKey, payload: bytes, der: bytes) -> 
         built = bundle.build_bundle(payload, der, certificate_chain_der=ders)
     else:
         built = bundle.build_bundle(payload, der, hint=key.hint)
-    bundle_json = bundle.bundle_bytes(built).decode()
+    return _record_signature(req, key, bundle.bundle_bytes(built).decode(), payload)
+
+
+def _record_signature(
+    req: SigningRequest,
+    key: SigningKey | None,
+    bundle_json: str,
+    payload: bytes,
+    signer_identity: str = "",
+) -> SigningRequest:
+    """Signature, its audit record and the state change: one transaction, or none of them."""
     now = timezone.now()
     try:
         with transaction.atomic():
             sig = Signature.objects.create(
                 request=req,
                 key=key,
+                signer_identity=signer_identity,
                 bundle=bundle_json,
                 payload_digest=bundle.payload_digest(payload),
                 signed_at=now,
@@ -364,7 +438,8 @@ def _store(req: SigningRequest, key: SigningKey, payload: bytes, der: bytes) -> 
                 data={
                     "request": str(req.id),
                     "authority": req.authority,
-                    "key": key.hint,
+                    "key": key.hint if key else None,
+                    "signer_identity": signer_identity or None,
                     "model": req.model_name,
                     "version": req.model_version,
                     "payload_digest": sig.payload_digest,

@@ -55,6 +55,8 @@ BAD = [
     ([*SA, "production", "authorized_signers"], ["*"], "authorized_signers[0]: '*' would match every"),
     ([*SA, "staging", "authorized_signers"], KeyError, "staging.authorized_signers: is required"),
     ([*SA, "development", "provider"], "notary", "development.provider: must be sigstore"),
+    ([*SA, "development", "requires_approval"], True,
+     "development.requires_approval: keyless authorities sign while the request is made"),
     ([*SA, "Prod"], {"type": "key-based"}, "authority names are lowercase"),
     (["certificate_policy", "verification_policy", "production_deployment", "accepted_authorities"],
      ["prod"], "production_deployment.accepted_authorities[0]: unknown authority 'prod'"),

@@ -142,7 +142,11 @@ class SigningRequestSerializer(serializers.ModelSerializer):
     @extend_schema_field(KeySummarySerializer(allow_null=True))
     def get_key(self, obj: SigningRequest) -> dict[str, Any] | None:
         sig = obj.valid_signature()
-        return KeySummarySerializer(sig.key).data if sig else None
+        if sig is None:
+            return None
+        if sig.key is None:  # keyless: a short-lived Fulcio certificate, not a held key
+            return {"keyless": True, "signer_identity": sig.signer_identity}
+        return KeySummarySerializer(sig.key).data
 
     @extend_schema_field(serializers.DictField())
     def get_links(self, obj: SigningRequest) -> dict[str, str | None]:

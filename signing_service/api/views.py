@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from django.http import HttpResponse
@@ -53,7 +54,11 @@ class SigningRequestCreateView(APIView):
             )
         serializer = SigningRequestCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        req, created = submit(request.user, serializer.to_submission(), key)
+        submission = serializer.to_submission()
+        submission = replace(
+            submission, identity_token=request.META.get("HTTP_SIGSTORE_IDENTITY_TOKEN")
+        )
+        req, created = submit(request.user, submission, key)
         if created and req.state == RequestState.PENDING_APPROVAL:
             from approvals.services import notify_approvers, request_page_path
 

@@ -91,15 +91,18 @@ class ServiceClient:
 
     # --- endpoints ---------------------------------------------------------------------
 
-    def submit(self, body: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
-        """POST a signing request; returns the request (201 new, 200 replayed)."""
+    def submit(
+        self, body: Mapping[str, Any], idempotency_key: str, identity_token: str | None = None
+    ) -> dict[str, Any]:
+        """POST a signing request; returns the request (201 new, 200 replayed).
+
+        ``identity_token``: for keyless authorities, the job's OIDC token for Fulcio.
+        """
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        raw = self._request(
-            "POST",
-            self.url(SIGNING_REQUESTS_PATH),
-            data=data,
-            headers={"Idempotency-Key": idempotency_key, "Content-Type": "application/json"},
-        )
+        headers = {"Idempotency-Key": idempotency_key, "Content-Type": "application/json"}
+        if identity_token:
+            headers["Sigstore-Identity-Token"] = identity_token
+        raw = self._request("POST", self.url(SIGNING_REQUESTS_PATH), data=data, headers=headers)
         return _json_object(raw, "signing request")
 
     def get(self, url: str) -> dict[str, Any]:

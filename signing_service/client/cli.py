@@ -352,7 +352,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     body = _request_body(args, result)
     import uuid  # lazily: it imports platform, which `modelsign hash` need not pay for
 
-    req = client.submit(body, str(uuid.uuid4()))
+    req = client.submit(body, str(uuid.uuid4()), _identity_token(args))
     _info(f"submitted {body['model']} {body['version']}: {_describe(req)}", args.quiet)
     try:
         req = _wait(client, req, args.timeout, args.quiet)
@@ -694,12 +694,28 @@ def _trust_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _identity_token(args: argparse.Namespace) -> str | None:
+    """The OIDC token a keyless authority hands to Fulcio; never printed."""
+    path = getattr(args, "identity_token_file", None)
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise CliError(f"cannot read --identity-token-file: {exc.strerror}") from None
+    return os.environ.get("SIGSTORE_ID_TOKEN") or None
+
+
 def _sign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", required=True, help="service URL, e.g. https://sign.example.com")
     p.add_argument("--environment", required=True, help="signing environment (authority)")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", help="API token (prefer MODELSIGN_TOKEN or --token-file)")
     token.add_argument("--token-file", help="file holding the API token")
+    p.add_argument(
+        "--identity-token-file",
+        help="keyless authorities: file with the job's OIDC identity token for Sigstore "
+        "(default: $SIGSTORE_ID_TOKEN)",
+    )
     p.add_argument("--out", default="model.sig", help="bundle to write (default: model.sig)")
     p.add_argument("--model-name", help="model name (default: the model path's name)")
     p.add_argument(
