@@ -120,3 +120,34 @@ def test_a_request_never_falls_back_to_another_key(
     assert body["state"] == "failed"
     assert "no active signing key for authority 'staging'" in body["failure_reason"]
     assert not Signature.objects.exists()  # production's and development's keys were not used
+
+
+@pytest.mark.softhsm
+def test_an_extractable_hsm_key_is_never_activated(hsm: Any, softhsm_token: Any) -> None:
+    """A key made on the token outside the service (extractable) is refused at activation."""
+    from keys import registry
+    from keys.backends.base import GeneratedKey, KeyNotUsable
+    from keys.lifecycle import register_key
+    from tests.test_pkcs11_backend import raw_keypair, raw_session
+
+    backend = registry.pkcs11_backend("staging")
+    with raw_session(softhsm_token) as session:
+        key_ref, _ = raw_keypair(session, softhsm_token, extractable=True)
+    # The backend will not even read such a key's public half; any public key does here,
+    # since what is under test is that activation re-checks the private key on the token.
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    with pytest.raises(KeyNotUsable, match="EXTRACTABLE is true"):
+        register_key(
+            "staging", backend, GeneratedKey(key_ref, public), algorithm="ECDSA-P256",
+            validity=timedelta(days=1), actor="tests", activate=True,
+        )  # fmt: skip
+    assert not SigningKey.objects.exists()
+    pending = register_key(
+        "staging", backend, GeneratedKey(key_ref, public), algorithm="ECDSA-P256",
+        validity=timedelta(days=1), actor="tests", activate=False,
+    )  # fmt: skip
+    with pytest.raises(KeyNotUsable, match="NEVER_EXTRACTABLE is false"):
+        transition(pending.pk, KeyState.ACTIVE, actor="custodian", backend=backend)
+    assert SigningKey.objects.get(pk=pending.pk).state == KeyState.PENDING
