@@ -67,3 +67,15 @@ def test_the_api_needs_csrf_for_sessions(pending_request: Any, make_user: Any) -
     response = client.post(url(req), body, format="json")
     assert response.status_code == 403
     assert "CSRF" in response.json()["error"]["message"]
+
+
+def test_self_approval_is_refused_through_the_api(pending_request: Any, make_user: Any) -> None:
+    req = pending_request(ci={"actor": "dave"})
+    dave = make_user("dave")
+    client = APIClient()
+    client.force_login(dave)
+    body = {"decision": "approve", "otp_token": totp_code(totp_device(dave))}
+    response = client.post(url(req), body, format="json")
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "self_approval"
+    assert not req.approvals.exists()
