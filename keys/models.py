@@ -163,3 +163,28 @@ class CeremonyConfirmation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.custodian_identity} confirmed {self.ceremony_id}"
+
+
+class Incident(models.Model):
+    """A key revocation: what was quarantined, and who was told."""
+
+    class State(models.TextChoices):
+        OPEN = "open"
+        RESOLVED = "resolved"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    key = models.ForeignKey(SigningKey, on_delete=models.PROTECT, related_name="incidents")
+    reason = models.CharField(max_length=64)
+    effective_at = models.DateTimeField()
+    opened_at = models.DateTimeField(default=timezone.now)
+    opened_by = models.CharField(max_length=320)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OPEN)
+    quarantined = models.PositiveIntegerField(default=0)
+    #: [{"channel": "webhook"|"email", "to": ..., "ok": bool, "detail": ..., "at": ...}]
+    notifications = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["-opened_at"]
+
+    def __str__(self) -> str:
+        return f"incident {self.pk}: {self.key} {self.reason}"

@@ -141,6 +141,9 @@ SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600, minimum=300)
 OTP_TOTP_ISSUER = env_str("OTP_TOTP_ISSUER", "modelsign")
 #: An approve/reject needs an authenticator code verified at most this long ago.
 APPROVAL_OTP_MAX_AGE_SECONDS = env_int("APPROVAL_OTP_MAX_AGE_SECONDS", 300, minimum=30, maximum=900)
+#: Revocation incidents are POSTed here (JSON) with an HMAC-SHA256 signature header.
+INCIDENT_WEBHOOK_URL = env_str("INCIDENT_WEBHOOK_URL", "")
+INCIDENT_WEBHOOK_SECRET = env_secret("INCIDENT_WEBHOOK_SECRET", "") or ""
 #: A key ceremony must reach its quorum within this many minutes of being opened.
 CEREMONY_TTL_MINUTES = env_int("CEREMONY_TTL_MINUTES", 30, minimum=5, maximum=24 * 60)
 EMAIL_BACKEND = env_str(
