@@ -116,6 +116,19 @@ class SignatureState(models.TextChoices):
     QUARANTINED = "quarantined"
 
 
+class SignatureQuerySet(models.QuerySet["Signature"]):
+    def visible_to(self, principal: Any) -> SignatureQuerySet:
+        """Deny by default: CI identities see their own requests' signatures; custodians
+        (session users) see their authorities'; everyone else sees nothing."""
+        if isinstance(getattr(principal, "identity", None), str):
+            return self.filter(request__in=SigningRequest.objects.visible_to(principal))
+        if getattr(principal, "is_authenticated", False) and hasattr(principal, "groups"):
+            from keys.ceremonies import custodian_authorities
+
+            return self.filter(request__authority__in=custodian_authorities(principal))
+        return self.none()
+
+
 class Signature(models.Model):
     request = models.ForeignKey(SigningRequest, on_delete=models.PROTECT, related_name="signatures")
     #: The service-held key that signed; null for keyless (Sigstore) signatures.
@@ -133,6 +146,8 @@ class Signature(models.Model):
     supersedes = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="superseded_by"
     )
+
+    objects = SignatureQuerySet.as_manager()
 
     class Meta:
         constraints = [

@@ -13,7 +13,7 @@ from rest_framework.request import Request
 
 from keys.models import SigningKey
 from signing_service.manifest import ManifestError, check_ignore_path, validate_resources
-from signing_service.models import SigningRequest
+from signing_service.models import Signature, SigningRequest
 from signing_service.signing import Submission
 
 
@@ -177,3 +177,25 @@ class SigningKeySerializer(serializers.ModelSerializer):
             "id", "authority", "algorithm", "hint", "public_key_pem", "state", "backend",
             "not_before", "not_after", "revoked_at", "revocation_effective_at",
         ]  # fmt: skip
+
+
+class SignatureSerializer(serializers.ModelSerializer):
+    request = serializers.UUIDField(source="request_id")
+    model = serializers.CharField(source="request.model_name")
+    version = serializers.CharField(source="request.model_version")
+    authority = serializers.CharField(source="request.authority")
+    key = serializers.CharField(source="key.hint", default=None)
+    supersedes = serializers.IntegerField(source="supersedes_id", allow_null=True)
+    links = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Signature
+        fields = [
+            "id", "request", "model", "version", "authority", "key", "signer_identity", "state",
+            "signed_at", "payload_digest", "supersedes", "links",
+        ]  # fmt: skip
+
+    @extend_schema_field(serializers.DictField())
+    def get_links(self, obj: Signature) -> dict[str, str]:
+        path = reverse("api-v1:signature-bundle", args=[obj.pk])
+        return {"bundle": absolute(self.context["request"], path)}

@@ -22,6 +22,10 @@ urlpatterns = [
         views.ApprovalCreateView.as_view(),
         name="signing-request-approvals",
     ),
+    path("signatures/", views.SignatureListView.as_view(), name="signatures"),
+    path(
+        "signatures/<int:pk>/bundle", views.SignatureBundleView.as_view(), name="signature-bundle"
+    ),
     path("keys/", views.KeyListView.as_view(), name="keys"),
     path("keys/<str:hint>.pem", views.KeyPemView.as_view(), name="key-pem"),
     path("schema/", SpectacularAPIView.as_view(api_version="1"), name="schema"),

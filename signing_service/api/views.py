@@ -19,16 +19,18 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from keys.models import SigningKey
+from signing_service.api.auth import ApiTokenAuthentication
 from signing_service.api.errors import error_body
 from signing_service.api.serializers import (
     ApprovalCreateSerializer,
+    SignatureSerializer,
     SigningKeySerializer,
     SigningRequestCreateSerializer,
     SigningRequestSerializer,
     absolute,
 )
 from signing_service.bundle import BUNDLE_MEDIA_TYPE
-from signing_service.models import RequestState, SigningRequest
+from signing_service.models import RequestState, Signature, SigningRequest
 from signing_service.signing import submit
 from signing_service.trust import TrustUnavailable, current_document
 
@@ -188,3 +190,53 @@ class TrustDocumentView(PublicView):
         # Revocations must reach verifiers: caches may keep it, but must revalidate.
         response["Cache-Control"] = "no-cache"
         return response
+
+
+class SignatureListView(APIView):
+    """Issued signatures, newest first, for runbooks, audits and pipelines."""
+
+    authentication_classes = [ApiTokenAuthentication, authentication.SessionAuthentication]
+    FILTERS = ("model", "version", "state")
+
+    @extend_schema(
+        responses=SignatureSerializer(many=True),
+        parameters=[OpenApiParameter(n, str) for n in ("key", "model", "version", "state")]
+        + [OpenApiParameter("limit", int), OpenApiParameter("offset", int)],
+        summary="Issued signatures (filter by key hint prefix, model, version, state)",
+    )
+    def get(self, request: Request) -> Response:
+        qs = Signature.objects.visible_to(request.user).select_related("request", "key")
+        params = request.query_params
+        if params.get("key"):
+            qs = qs.filter(key__hint__startswith=params["key"].lower())
+        for name, field in (
+            ("model", "request__model_name"),
+            ("version", "request__model_version"),
+            ("state", "state"),
+        ):
+            if params.get(name):
+                qs = qs.filter(**{field: params[name]})
+        limit, offset = (
+            _bounded(params.get("limit"), 100, 1000),
+            _bounded(params.get("offset"), 0, 10**9),
+        )
+        page = list(qs.order_by("-signed_at", "-id")[offset : offset + limit])
+        data = SignatureSerializer(page, many=True, context={"request": request}).data
+        return Response({"count": qs.count(), "limit": limit, "offset": offset, "results": data})
+
+
+class SignatureBundleView(APIView):
+    authentication_classes = [ApiTokenAuthentication, authentication.SessionAuthentication]
+
+    @extend_schema(responses={(200, BUNDLE_MEDIA_TYPE): OpenApiResponse(description="bundle")})
+    def get(self, request: Request, pk: int) -> HttpResponse:
+        sig = get_object_or_404(Signature.objects.visible_to(request.user), pk=pk)
+        return HttpResponse(sig.bundle, content_type=BUNDLE_MEDIA_TYPE)
+
+
+def _bounded(raw: str | None, default: int, maximum: int) -> int:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit():
+        raise exceptions.ValidationError({"limit/offset": ["must be a non-negative integer"]})
+    return min(int(raw), maximum)

@@ -536,6 +536,31 @@ def cmd_public_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """The newest valid signature of MODEL at VERSION: picks up re-signed bundles."""
+    from urllib.parse import urlencode
+
+    from signing_service import bundle
+
+    client = _client(args.server, _token(args))
+    query = urlencode(
+        {"model": args.model, "version": args.model_version, "state": "valid", "limit": 1}
+    )
+    listing = client.get(f"/api/v1/signatures/?{query}")
+    results = listing.get("results") or []
+    if not results:
+        raise CliError(
+            f"no valid signature of {args.model} {args.model_version} that this token can see"
+        )
+    newest = results[0]
+    data = client.bundle(newest["links"]["bundle"])
+    bundle.parse_bundle(data)  # refuse to write something that is not a bundle
+    Path(args.out).write_bytes(data)
+    key = newest.get("key") or newest.get("signer_identity")
+    print(f"{args.out}: signature {newest['id']} by {key}, signed {newest['signed_at']}")
+    return EXIT_OK
+
+
 # --- trust fetch -----------------------------------------------------------------------
 
 
@@ -629,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sign", "hash a model, have the service sign it, write the bundle", cmd_sign),
         ("verify", "verify a model against a bundle and a public key or trust file", cmd_verify),
         ("public-key", "fetch a signing public key from the service", cmd_public_key),
+        ("fetch", "download the latest valid bundle of a model version", cmd_fetch),
         ("trust", "fetch the service's signed trust document", _trust_usage),
     ]
     parsers = {name: sub.add_parser(name, help=text) for name, text, _ in commands}
@@ -645,6 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--environment", help="the active key of this authority")
     which.add_argument("--signature", help="the key that signed this bundle (by its hint)")
     pk.add_argument("--out", help="write the PEM here (default: stdout)")
+    fetch = parsers["fetch"]
+    fetch.add_argument("--server", required=True, help="service URL")
+    token = fetch.add_mutually_exclusive_group()
+    token.add_argument("--token", help="API token (prefer MODELSIGN_TOKEN or --token-file)")
+    token.add_argument("--token-file", help="file holding the API token")
+    fetch.add_argument("--model", required=True, help="model name as signed")
+    fetch.add_argument("--model-version", required=True, help="model version as signed")
+    fetch.add_argument("--out", default="model.sig", help="where to write it (model.sig)")
     return parser
 
 
