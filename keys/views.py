@@ -6,20 +6,26 @@ they are a custodian for, and nothing at all otherwise.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from approvals.groups import identity_of
+from approvals.services import check_fresh_otp
 from approvals.views import _otp_verified_at, verify_otp
 from keys import ceremonies
-from keys.models import CeremonyState, KeyCeremony, SigningKey
-from signing_service.models import AuditEntry
+from keys.lifecycle import KeyStateError
+from keys.models import CeremonyState, Incident, KeyCeremony, SigningKey
+from keys.revocation import revoke
+from signing_service.models import AuditEntry, Signature
 from signing_service.signing import SigningRefused
 
 
@@ -51,6 +57,9 @@ def keys_page(request: HttpRequest) -> HttpResponse:
         "keys": keys,
         "open": open_ceremonies,
         "recent": recent,
+        "incidents": Incident.objects.filter(key__authority__in=authorities).select_related("key")[
+            :20
+        ],
         "now": now,
     }
     return render(request, "keys/custodian.html", context)
@@ -146,3 +155,67 @@ def audit_page(request: HttpRequest) -> HttpResponse:
     page = Paginator(entries, 50).get_page(request.GET.get("page"))
     query = "&".join(f"{k}={v}" for k, v in filters.items() if v)
     return render(request, "keys/audit.html", {"page": page, "filters": filters, "query": query})
+
+
+@login_required
+@require_POST
+def revoke_view(request: HttpRequest, pk: int) -> HttpResponseRedirect:
+    """Revocation is immediate and needs one custodian, with a fresh second factor."""
+    key = SigningKey.objects.filter(pk=pk, authority__in=_authorities(request)).first()
+    if key is None:
+        raise Http404("no such key")
+    token = request.POST.get("otp_token", "")
+    if token and not verify_otp(request, token):
+        messages.error(request, "That authenticator code is not valid (or was already used).")
+        return redirect("keys:custodian")
+    try:
+        check_fresh_otp(_otp_verified_at(request))
+        effective = _effective_at(request.POST.get("effective_at", ""))
+        incident = revoke(
+            key.pk, reason=request.POST.get("reason", "compromised")[:64], effective_at=effective,
+            actor=identity_of(request.user),
+        )  # fmt: skip
+    except (SigningRefused, KeyStateError, ValueError) as exc:
+        messages.error(request, getattr(exc, "message", str(exc)))
+        return redirect("keys:custodian")
+    messages.success(
+        request, f"Key {key.fingerprint} revoked; {incident.quarantined} signatures quarantined."
+    )
+    return redirect("keys:incident", pk=incident.pk)
+
+
+def _effective_at(raw: str) -> Any:
+    if not raw.strip():
+        return None
+    when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # the form says UTC
+    if when > timezone.now():
+        raise ValueError(
+            "the effective time is in the future; revocation takes effect now or earlier"
+        )
+    return when
+
+
+@login_required
+@require_GET
+def incident_page(request: HttpRequest, pk: Any) -> HttpResponse:
+    incident = (
+        Incident.objects.filter(pk=pk, key__authority__in=_authorities(request))
+        .select_related("key")
+        .first()
+    )
+    if incident is None:
+        raise Http404("no such incident")
+    affected = Signature.objects.filter(key=incident.key, signed_at__gte=incident.effective_at)
+    by_state = dict(affected.values_list("state").annotate(n=Count("id")).order_by())
+    models = affected.values("request__model_name", "request__model_version", "state").order_by(
+        "request__model_name", "request__model_version"
+    )[:500]
+    context = {
+        "incident": incident,
+        "by_state": by_state,
+        "models": models,
+        "total": sum(by_state.values()),
+    }
+    return render(request, "keys/incident.html", context)

@@ -108,3 +108,46 @@ def test_custodians_destroy_a_retired_key_in_the_pages(make_user: Any, active_ke
     )
     assert b"destroyed on the backend" in done.content
     assert SigningKey.objects.get(pk=old.pk).destroyed_at is not None
+
+
+@pytest.mark.softhsm
+@pytest.mark.django_db
+def test_a_custodian_revokes_from_the_page_and_sees_the_incident(
+    make_user: Any, active_keys: Any, api: Any, issue_token: Any
+) -> None:
+    from signing_service.models import Signature
+
+    token = issue_token()
+    for version in ("1", "2"):
+        authed(api, token).post(
+            "/api/v1/signing-requests/", request_body(version=version), format="json"
+        )
+    kim = make_custodian(make_user, "kim")
+    client = Client()
+    client.force_login(kim)
+    key = active_keys["staging"]
+    assert b"Revoke now" in client.get("/custodian/").content
+    refused = client.post(
+        f"/custodian/keys/{key.pk}/revoke", {"reason": "compromised"}, follow=True
+    )
+    assert b"fresh authenticator code" in refused.content
+    assert SigningKey.objects.get(pk=key.pk).state == KeyState.ACTIVE
+    first = Signature.objects.order_by("signed_at").first()
+    form = {"reason": "compromised", "effective_at": first.signed_at.strftime("%Y-%m-%dT%H:%M:%S.%f"),
+            "otp_token": totp_code(totp_device(kim))}  # fmt: skip
+    page = client.post(f"/custodian/keys/{key.pk}/revoke", form, follow=True).content.decode()
+    assert "2 signatures quarantined" in page
+    assert "demo-model" in page and "quarantined" in page
+    assert SigningKey.objects.get(pk=key.pk).state == KeyState.REVOKED
+    outsider = Client()
+    outsider.force_login(make_custodian(make_user, "pat", authority="production"))
+    incident_url = (
+        page.split("/custodian/incidents/")[1].split("/")[0]
+        if "/custodian/incidents/" in page
+        else None
+    )
+    from keys.models import Incident
+
+    incident = Incident.objects.get()
+    assert outsider.get(f"/custodian/incidents/{incident.pk}/").status_code == 404
+    del incident_url
