@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from signing_service.bundle import VerifiedStatement
-    from signing_service.client import trust
+    from signing_service.client import gate, trust
     from signing_service.client.api import ServiceClient
 
 __all__ = ["EXIT_DENIED", "EXIT_ERROR", "EXIT_OK", "ci_metadata", "main"]
@@ -474,6 +474,10 @@ def model_problems(
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.deployment:
+        return _verify_deployment(args)
+    if args.mode != "strict" or args.json:
+        raise CliError("--mode and --json apply with --deployment")
     model, signature = Path(args.path), Path(args.signature)
     try:
         data = signature.read_bytes()
@@ -495,6 +499,59 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise CliError(f"verification failed: {len(problems)} problem(s) with {model}")
     print("Verification succeeded")
     return EXIT_OK
+
+
+EXIT_REJECTED = 3
+
+
+def _verify_deployment(args: argparse.Namespace) -> int:
+    """The deployment gate: policy checks, one line each, then the verdict (0 accept, 3 reject)."""
+    from datetime import UTC, datetime
+
+    from signing_service.client import gate, trust
+
+    if not args.trust:
+        raise CliError("--deployment needs --trust (the policy comes from the trust document)")
+    model, signature = Path(args.path), Path(args.signature)
+    data = signature.read_bytes() if signature.is_file() else None
+    doc = _read_trust(args.trust, "--trust")
+    extra = _user_ignore_paths(model, args.ignore_paths)
+    if (sig := _inside_model(model, signature)) is not None:
+        extra.append(sig)
+
+    def rehash(statement: VerifiedStatement) -> Sequence[str]:
+        return model_problems(
+            model, statement, extra, quiet=args.quiet or args.json, workers=args.workers
+        )
+
+    try:
+        verdict = gate.evaluate(
+            doc,
+            args.deployment,
+            data,
+            mode=args.mode,
+            now=args.at or datetime.now(UTC),
+            rehash=rehash,
+        )
+    except trust.TrustError as exc:
+        raise CliError(str(exc)) from None
+    _print_verdict(verdict, args.json)
+    return EXIT_OK if verdict.accepted else EXIT_REJECTED
+
+
+def _print_verdict(verdict: gate.Verdict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(verdict.to_json(), indent=2))
+        return
+    for check in verdict.checks:
+        print(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+    failed = len(verdict.failed)
+    if verdict.accepted and failed:
+        print(f"ACCEPT for {verdict.deployment} (warn mode: {failed} check(s) failed)")
+    elif verdict.accepted:
+        print(f"ACCEPT for {verdict.deployment}")
+    else:
+        print(f"REJECT for {verdict.deployment}: {failed} check(s) failed")
 
 
 # --- public-key ------------------------------------------------------------------------
@@ -695,6 +752,16 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     key = p.add_mutually_exclusive_group(required=True)
     key.add_argument("--public-key", help="PEM public key of the signer")
     key.add_argument("--trust", help="trust document from `modelsign trust fetch`")
+    p.add_argument(
+        "--deployment", help="with --trust: judge against this deployment's verification policy"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("strict", "warn", "permissive"),
+        default="strict",
+        help="with --deployment: warn reports and accepts; permissive accepts unsigned models",
+    )
+    p.add_argument("--json", action="store_true", help="with --deployment: the verdict as JSON")
     p.add_argument(
         "--at",
         type=when,
