@@ -199,3 +199,20 @@ class SignatureSerializer(serializers.ModelSerializer):
     def get_links(self, obj: Signature) -> dict[str, str]:
         path = reverse("api-v1:signature-bundle", args=[obj.pk])
         return {"bundle": absolute(self.context["request"], path)}
+
+
+class VerifyRequestSerializer(StrictSerializer):
+    deployment = _text(64, help_text="Deployment environment from the verification policy")
+    bundle = serializers.JSONField(
+        required=False, allow_null=True, help_text="The Sigstore bundle, as JSON; omit if unsigned"
+    )
+    resources = serializers.JSONField(
+        required=False, help_text="The deployed model's [{name, algorithm, digest}], to compare"
+    )
+    mode = serializers.ChoiceField(choices=["strict", "warn", "permissive"], default="strict")
+
+    def validate_resources(self, value: Any) -> Any:
+        try:
+            return validate_resources(value, max_resources=settings.MAX_RESOURCES)
+        except ManifestError as exc:
+            raise serializers.ValidationError(str(exc)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from signing_service.api.serializers import (
     SigningKeySerializer,
     SigningRequestCreateSerializer,
     SigningRequestSerializer,
+    VerifyRequestSerializer,
     absolute,
 )
 from signing_service.bundle import BUNDLE_MEDIA_TYPE
@@ -240,3 +242,51 @@ def _bounded(raw: str | None, default: int, maximum: int) -> int:
     if not raw.isdigit():
         raise exceptions.ValidationError({"limit/offset": ["must be a non-negative integer"]})
     return min(int(raw), maximum)
+
+
+class VerifyView(PublicView):
+    """The deployment gate for admission controllers, from the service's own trust state."""
+
+    @extend_schema(
+        request=VerifyRequestSerializer,
+        responses={200: OpenApiResponse(description="{verdict, deployment, mode, checks[]}")},
+        summary="Verify a bundle (and optionally a resource list) against a deployment's policy",
+    )
+    def post(self, request: Request) -> Response:
+        from datetime import UTC, datetime
+
+        from signing_service.client import gate
+        from signing_service.client import trust as client_trust
+        from signing_service.trust import TrustUnavailable, current_document
+
+        serializer = VerifyRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            doc = client_trust.parse(current_document().envelope.encode())
+        except TrustUnavailable as exc:
+            return Response(error_body("trust_unavailable", str(exc)), status=503)
+        resources = data.get("resources")
+        raw = json.dumps(data["bundle"]).encode() if data.get("bundle") else None
+        try:
+            verdict = gate.evaluate(
+                doc, data["deployment"], raw, mode=data["mode"], now=datetime.now(UTC),
+                rehash=lambda statement: _resource_problems(statement, resources),
+            )  # fmt: skip
+        except client_trust.TrustError as exc:
+            return Response(error_body("invalid", str(exc), {"field": "deployment"}), status=400)
+        return Response(verdict.to_json())
+
+
+def _resource_problems(statement: Any, resources: list[Any] | None) -> list[str]:
+    """Compare the signed files with the deployed ones, when the caller sent them."""
+    if resources is None:
+        return []
+    signed = {r.name: r.digest for r in statement.resources}
+    given = {r.name: r.digest for r in resources}
+    problems = [f"missing file: {n}" for n in sorted(signed.keys() - given.keys())]
+    problems += [f"extra file: {n}" for n in sorted(given.keys() - signed.keys())]
+    problems += [
+        f"changed file: {n}" for n in sorted(signed.keys() & given.keys()) if signed[n] != given[n]
+    ]
+    return problems
