@@ -110,6 +110,23 @@ def _hash(
         return hashing.hash_files(scan, workers=workers, progress=None if quiet else bar.update)
 
 
+def _hash_cached(
+    model: Path, ignores: Sequence[str], args: argparse.Namespace
+) -> hashing.HashResult:
+    from signing_service.client import hashcache
+
+    cache_file = Path(args.cache_file) if args.cache_file else hashcache.default_cache_file(model)
+    scan = hashing.scan_model(model, ignore_paths=ignores)
+    with ProgressBar(
+        scan.total_bytes, label="hashing changed files", enabled=not args.quiet
+    ) as bar:
+        cached = hashcache.hash_with_cache(
+            scan, cache_file, workers=args.workers, progress=None if args.quiet else bar.update
+        )
+    _info(f"reused {cached.reused} of {len(scan.files)} digests from {cache_file}", args.quiet)
+    return cached.result
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [CliError, hashing.HashError, ManifestError, OSError]
     # Only modules already loaded: importing them just to catch their errors costs time.
@@ -128,9 +145,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def cmd_hash(args: argparse.Namespace) -> int:
     model = Path(args.path)
-    result = _hash(
-        model, _user_ignore_paths(model, args.ignore_paths), quiet=args.quiet, workers=args.workers
-    )
+    ignores = _user_ignore_paths(model, args.ignore_paths)
+    if args.cache or args.cache_file:
+        result = _hash_cached(model, ignores, args)
+    else:
+        result = _hash(model, ignores, quiet=args.quiet, workers=args.workers)
     json.dump(result.to_json(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return EXIT_OK
@@ -719,6 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].set_defaults(func=func)
     for name in ("hash", "sign", "verify"):
         _hashing_options(parsers[name])
+    parsers["hash"].add_argument(
+        "--cache", action="store_true",
+        help="reuse digests of files whose size, mtime and inode are unchanged since the last --cache run",
+    )  # fmt: skip
+    parsers["hash"].add_argument(
+        "--cache-file", help="where --cache keeps its digests (implies --cache)"
+    )
     _sign_options(parsers["sign"])
     _verify_options(parsers["verify"])
     _trust_options(parsers["trust"])
