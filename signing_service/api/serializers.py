@@ -216,3 +216,46 @@ class VerifyRequestSerializer(StrictSerializer):
             return validate_resources(value, max_resources=settings.MAX_RESOURCES)
         except ManifestError as exc:
             raise serializers.ValidationError(str(exc)) from None
+
+
+class OciSigningRequestCreateSerializer(StrictSerializer):
+    manifest = serializers.JSONField(
+        help_text="OCI image manifest, as `skopeo inspect --raw` prints it"
+    )
+    model = _text(
+        255, required=False, help_text="Model name (default: the manifest's title annotation)"
+    )
+    version = _text(128, help_text="Model version, e.g. the image tag")
+    environment = _text(64, help_text="Signing authority from the policy, e.g. staging")
+    ci = CiSerializer(required=False)
+
+    def validate_manifest(self, value: Any) -> Any:
+        from signing_service import oci
+
+        try:
+            self._resources = oci.layer_resources(value, max_resources=settings.MAX_RESOURCES)
+        except ManifestError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        from signing_service import oci
+
+        if not attrs.get("model"):
+            attrs["model"] = oci.model_name(attrs["manifest"])
+        if not attrs.get("model"):
+            raise serializers.ValidationError(
+                {"model": ["the manifest has no title annotation; name the model"]}
+            )
+        return attrs
+
+    def to_submission(self) -> Submission:
+        data = self.validated_data
+        return Submission(
+            model=data["model"],
+            version=data["version"],
+            environment=data["environment"],
+            resources=self._resources,
+            ignore_paths=[],
+            ci=dict(data.get("ci", {})),
+        )

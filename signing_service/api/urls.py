@@ -27,6 +27,11 @@ urlpatterns = [
         "signatures/<int:pk>/bundle", views.SignatureBundleView.as_view(), name="signature-bundle"
     ),
     path("verify/", views.VerifyView.as_view(), name="verify"),
+    path(
+        "oci-signing-requests/",
+        views.OciSigningRequestCreateView.as_view(),
+        name="oci-signing-requests",
+    ),
     path("keys/", views.KeyListView.as_view(), name="keys"),
     path("keys/<str:hint>.pem", views.KeyPemView.as_view(), name="key-pem"),
     path("schema/", SpectacularAPIView.as_view(api_version="1"), name="schema"),

@@ -24,6 +24,7 @@ from signing_service.api.auth import ApiTokenAuthentication
 from signing_service.api.errors import error_body
 from signing_service.api.serializers import (
     ApprovalCreateSerializer,
+    OciSigningRequestCreateSerializer,
     SignatureSerializer,
     SigningKeySerializer,
     SigningRequestCreateSerializer,
@@ -43,6 +44,10 @@ IDEMPOTENCY_HEADER = OpenApiParameter(
 
 
 class SigningRequestCreateView(APIView):
+    serializer_class: type[SigningRequestCreateSerializer | OciSigningRequestCreateSerializer] = (
+        SigningRequestCreateSerializer
+    )
+
     @extend_schema(
         request=SigningRequestCreateSerializer,
         responses={201: SigningRequestSerializer, 200: SigningRequestSerializer},
@@ -56,7 +61,7 @@ class SigningRequestCreateView(APIView):
                 error_body("invalid", "Idempotency-Key must be at most 255 printable characters"),
                 status=400,
             )
-        serializer = SigningRequestCreateSerializer(data=request.data)
+        serializer = self.serializer_class(data=request.data)
         serializer.is_valid(raise_exception=True)
         submission = serializer.to_submission()
         submission = replace(
@@ -69,6 +74,21 @@ class SigningRequestCreateView(APIView):
             notify_approvers(req, absolute(request, request_page_path(req)))
         body = SigningRequestSerializer(req, context={"request": request}).data
         return Response(body, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class OciSigningRequestCreateView(SigningRequestCreateView):
+    """The same flow for an OCI image manifest: its layers are the files; none is pulled."""
+
+    serializer_class = OciSigningRequestCreateSerializer
+
+    @extend_schema(
+        request=OciSigningRequestCreateSerializer,
+        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer},
+        parameters=[IDEMPOTENCY_HEADER],
+        summary="Submit an OCI image manifest to sign (layers become resources)",
+    )
+    def post(self, request: Request) -> Response:
+        return super().post(request)
 
 
 class SigningRequestDetailView(APIView):

@@ -35,6 +35,7 @@ MAX_RETRY_AFTER = 30.0
 RETRY_STATUSES = frozenset({502, 503, 504})
 MAX_RESPONSE_BYTES = 64 << 20
 SIGNING_REQUESTS_PATH = "api/v1/signing-requests/"
+OCI_SIGNING_REQUESTS_PATH = "api/v1/oci-signing-requests/"
 KEYS_PATH = "api/v1/keys/"
 BUNDLE_ACCEPT = "application/vnd.dev.sigstore.bundle.v0.3+json, application/json"
 
@@ -92,7 +93,11 @@ class ServiceClient:
     # --- endpoints ---------------------------------------------------------------------
 
     def submit(
-        self, body: Mapping[str, Any], idempotency_key: str, identity_token: str | None = None
+        self,
+        body: Mapping[str, Any],
+        idempotency_key: str,
+        identity_token: str | None = None,
+        path: str = SIGNING_REQUESTS_PATH,
     ) -> dict[str, Any]:
         """POST a signing request; returns the request (201 new, 200 replayed).
 
@@ -102,7 +107,7 @@ class ServiceClient:
         headers = {"Idempotency-Key": idempotency_key, "Content-Type": "application/json"}
         if identity_token:
             headers["Sigstore-Identity-Token"] = identity_token
-        raw = self._request("POST", self.url(SIGNING_REQUESTS_PATH), data=data, headers=headers)
+        raw = self._request("POST", self.url(path), data=data, headers=headers)
         return _json_object(raw, "signing request")
 
     def get(self, url: str) -> dict[str, Any]:

@@ -381,6 +381,79 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return _finish(client, req, result, out)
 
 
+def _read_manifest(path: str) -> tuple[dict[str, Any], hashing.HashResult]:
+    """An OCI image manifest and the model it describes (layers as files), checked."""
+    from signing_service import oci
+
+    try:
+        manifest = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the manifest {path}: {exc}") from None
+    try:
+        resources = oci.layer_resources(manifest, max_resources=10_000_000)
+    except ManifestError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    name = oci.model_name(manifest) or Path(path).stem
+    return manifest, hashing.HashResult(
+        model=name, resources=resources, ignore_paths=[], total_bytes=0
+    )
+
+
+def cmd_sign_oci(args: argparse.Namespace) -> int:
+    """Sign an OCI model image from its manifest alone: no layer is pulled or hashed."""
+    from signing_service.client.api import OCI_SIGNING_REQUESTS_PATH
+
+    client = _client(args.server, _token(args))
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    manifest, result = _read_manifest(args.manifest)
+    body: dict[str, Any] = {
+        "manifest": manifest,
+        "model": args.model_name or result.model,
+        "version": args.model_version or os.environ.get("MODEL_VERSION") or result.root_digest[:12],
+        "environment": args.environment,
+    }
+    if ci := ci_metadata(os.environ):
+        body["ci"] = ci
+    import uuid
+
+    req = client.submit(body, str(uuid.uuid4()), path=OCI_SIGNING_REQUESTS_PATH)
+    _info(
+        f"submitted {body['model']} {body['version']} ({len(result.resources)} layers): {_describe(req)}",
+        args.quiet,
+    )
+    req = _wait(client, req, args.timeout, args.quiet)
+    return _finish(client, req, result, out)
+
+
+def cmd_verify_oci(args: argparse.Namespace) -> int:
+    """Check that a bundle signs exactly the layers of an OCI manifest."""
+    data = Path(args.signature).read_bytes()
+    if args.trust:
+        statement = _statement_from_trust(data, args)
+    else:
+        statement = _statement_from_key(data, args.public_key)
+    _, result = _read_manifest(args.manifest)
+    signed = {r.name: r.digest for r in statement.resources}
+    layers = {r.name: r.digest for r in result.resources}
+    problems = [f"layer not signed: {n}" for n in sorted(layers.keys() - signed.keys())]
+    problems += [
+        f"signed file missing from the image: {n}" for n in sorted(signed.keys() - layers.keys())
+    ]
+    problems += [
+        f"layer changed: {n}"
+        for n in sorted(signed.keys() & layers.keys())
+        if signed[n] != layers[n]
+    ]
+    for problem in problems:
+        print(f"modelsign: {problem}", file=sys.stderr)
+    if problems:
+        raise CliError(f"verification failed: {len(problems)} problem(s) with {args.manifest}")
+    print("Verification succeeded")
+    return EXIT_OK
+
+
 # --- verify ----------------------------------------------------------------------------
 
 
@@ -731,6 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", "verify a model against a bundle and a public key or trust file", cmd_verify),
         ("public-key", "fetch a signing public key from the service", cmd_public_key),
         ("fetch", "download the latest valid bundle of a model version", cmd_fetch),
+        (
+            "sign-oci",
+            "sign an OCI model image from its manifest (no layer is pulled)",
+            cmd_sign_oci,
+        ),
+        ("verify-oci", "check a bundle against an OCI image manifest", cmd_verify_oci),
         ("trust", "fetch the service's signed trust document", _trust_usage),
     ]
     parsers = {name: sub.add_parser(name, help=text) for name, text, _ in commands}
@@ -754,6 +833,18 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--environment", help="the active key of this authority")
     which.add_argument("--signature", help="the key that signed this bundle (by its hint)")
     pk.add_argument("--out", help="write the PEM here (default: stdout)")
+    oci_sign = parsers["sign-oci"]
+    oci_sign.add_argument("manifest", help="the image manifest JSON (`skopeo inspect --raw`)")
+    oci_sign.add_argument("--quiet", action="store_true")
+    _sign_options(oci_sign)
+    oci_verify = parsers["verify-oci"]
+    oci_verify.add_argument("manifest", help="the image manifest JSON (`skopeo inspect --raw`)")
+    oci_verify.add_argument("--signature", required=True, help="the bundle")
+    oci_verify.add_argument("--quiet", action="store_true")
+    oci_verify.add_argument("--at", default=None, help=argparse.SUPPRESS)
+    which = oci_verify.add_mutually_exclusive_group(required=True)
+    which.add_argument("--public-key", help="PEM public key of the signer")
+    which.add_argument("--trust", help="trust document from `modelsign trust fetch`")
     fetch = parsers["fetch"]
     fetch.add_argument("--server", required=True, help="service URL")
     token = fetch.add_mutually_exclusive_group()
