@@ -182,6 +182,46 @@ VAULT_ROLE_ID = env_str("VAULT_ROLE_ID", "")
 SIGSTORE_TRUST_CONFIG = env_str("SIGSTORE_TRUST_CONFIG", "")
 SIGSTORE_STAGING = env_bool("SIGSTORE_STAGING", False)
 
+# --- background work (Celery on Redis; see worker/celery.py) ----------------------------
+#: ``inline`` signs in the request that approves it; ``worker`` hands it to the Celery worker.
+SIGNING_MODE = env_str("SIGNING_MODE", "inline")
+if SIGNING_MODE not in ("inline", "worker"):
+    raise ImproperlyConfigured(f"SIGNING_MODE must be inline or worker, got {SIGNING_MODE!r}")
+#: An approved request nobody signed for this long is enqueued again by the reconciler.
+RECONCILE_AFTER_SECONDS = env_int("RECONCILE_AFTER_SECONDS", 120, minimum=0)
+#: A request this long in ``signing`` lost its worker: it goes back to ``approved``.
+#: Keep it well above CELERY_TASK_TIME_LIMIT so a live (slow) worker is never overtaken.
+STUCK_SIGNING_SECONDS = env_int("STUCK_SIGNING_SECONDS", 300, minimum=0)
+CELERY_BROKER_URL = env_secret("REDIS_URL") or "redis://127.0.0.1:6379/0"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Redelivers a message whose worker died without acking it after this long (Redis has no
+# per-consumer ack); the reconciler catches such requests much sooner.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=60)
+}
+# Ack after the task ran and take one message at a time: a killed worker's message is
+# redelivered, and a worker never hoards messages another could run.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True  # state lives in the database; no result backend
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 60, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 90, minimum=1)
+CELERY_TASK_DEFAULT_QUEUE = "signing"
+CELERY_TASK_CREATE_MISSING_QUEUES = False
+CELERY_TASK_QUEUES = {
+    name: {"exchange": name, "routing_key": name} for name in ("signing", "maintenance")
+}
+CELERY_TASK_ROUTES = {
+    "worker.tasks.signing.sign_request": {"queue": "signing"},
+    "worker.tasks.signing.reconcile": {"queue": "maintenance"},
+    "worker.tasks.signing.expire_requests": {"queue": "maintenance"},
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["signing_service.api.auth.ApiTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

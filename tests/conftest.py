@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.softhsm_fixtures", "tests.fixtures_service", "tests.fixtures_browser"]
+pytest_plugins = [
+    "tests.softhsm_fixtures",
+    "tests.fixtures_service",
+    "tests.fixtures_browser",
+    "tests.redis_fixtures",
+]

@@ -1,0 +1,138 @@
+"""Signing tasks: sign one request, put lost requests back in line, expire stale ones.
+
+Every task may run twice or concurrently (``acks_late`` redelivers the message of a worker
+that died): the conditional UPDATEs in :func:`signing_service.signing.sign` and here, plus
+the unique (request, key) constraint on signatures, make repeats harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Task
+from django.conf import settings
+from django.db import OperationalError, transaction
+from django.utils import timezone
+
+from keys.models import SigningKey
+from keys.registry import backend_for
+from signing_service import audit, signing
+from signing_service.models import RequestState, SigningRequest
+from worker.celery import app
+
+log = logging.getLogger(__name__)
+
+# Queues: sign_request runs on "signing", the periodic tasks on "maintenance", routed by
+# CELERY_TASK_ROUTES (Celery 5 deprecates the per-task ``queue`` attribute).
+
+#: Rows one reconcile or expire run handles; the next run (a minute later) takes the rest.
+BATCH = 1000
+#: How long a request waits for its key backend to come back before the next try.
+BACKEND_RETRY_SECONDS = 30
+
+
+def enqueue_signing(request_id: Any) -> None:
+    """Sign ``request_id`` in the worker once the current transaction commits.
+
+    On commit, so the worker never looks for a row it cannot see yet (or one rolled back).
+    """
+    pk = str(request_id)
+    transaction.on_commit(lambda: sign_request.delay(pk))
+
+
+@app.task(
+    bind=True,
+    acks_late=True,
+    max_retries=20,
+    soft_time_limit=60,
+    time_limit=90,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+)
+def sign_request(self: Task, request_id: str) -> str:
+    """Sign one approved request; returns its state. A no-op unless it is ``approved``."""
+    down = _backend_down(request_id)
+    if down:
+        # Wait rather than fail: sign() would burn the request on a backend outage.
+        log.warning("request %s waits for its key backend: %s", request_id, down)
+        raise self.retry(countdown=BACKEND_RETRY_SECONDS)
+    return str(signing.sign(request_id).state)
+
+
+def _backend_down(request_id: str) -> str:
+    """Why the active key's backend cannot sign now, or "" (also when there is nothing to do).
+
+    A best-effort pre-check only: sign() still checks everything itself, fail-closed.
+    """
+    req = SigningRequest.objects.filter(pk=request_id, state=RequestState.APPROVED).first()
+    key = SigningKey.objects.active_for(req.authority) if req is not None else None
+    if key is None:
+        return ""  # sign() records the real reason
+    health = backend_for(key).health()
+    return "" if health.ok else health.detail
+
+
+@app.task(acks_late=True, max_retries=0, soft_time_limit=120, time_limit=150)
+def reconcile() -> dict[str, int]:
+    """Re-enqueue approved requests nobody signed; take back requests whose worker died."""
+    now = timezone.now()
+    stuck = _reclaim_stuck(now - timedelta(seconds=settings.STUCK_SIGNING_SECONDS))
+    waiting = _requeue_approved(now - timedelta(seconds=settings.RECONCILE_AFTER_SECONDS))
+    if stuck or waiting:
+        log.info("reconcile: %d reclaimed from signing, %d re-enqueued", stuck, waiting)
+    return {"reclaimed": stuck, "requeued": waiting}
+
+
+def _requeue_approved(cutoff: datetime) -> int:
+    pks = list(
+        SigningRequest.objects.filter(state=RequestState.APPROVED, updated_at__lt=cutoff)
+        .order_by("updated_at")
+        .values_list("pk", flat=True)[:BATCH]
+    )
+    for pk in pks:
+        enqueue_signing(pk)
+    return len(pks)
+
+
+def _reclaim_stuck(cutoff: datetime) -> int:
+    pks = list(
+        SigningRequest.objects.filter(
+            state=RequestState.SIGNING, updated_at__lt=cutoff
+        ).values_list("pk", flat=True)[:BATCH]
+    )
+    return sum(_reclaim(pk, cutoff) for pk in pks)
+
+
+def _reclaim(pk: Any, cutoff: datetime) -> bool:
+    with transaction.atomic():
+        # Conditional: a worker that finished (or another reconciler) in the meantime wins.
+        moved = SigningRequest.objects.filter(
+            pk=pk, state=RequestState.SIGNING, updated_at__lt=cutoff
+        ).update(state=RequestState.APPROVED, updated_at=timezone.now())
+        if moved:
+            req = SigningRequest.objects.get(pk=pk)
+            audit.record(
+                "signing-service",
+                "signing_request.reclaimed",
+                target=req,
+                data={"reason": "stuck in signing; its worker is presumed dead"},
+            )
+            enqueue_signing(pk)
+    return bool(moved)
+
+
+@app.task(acks_late=True, max_retries=0, soft_time_limit=120, time_limit=150)
+def expire_requests() -> int:
+    """Move pending requests past their approval deadline to ``expired``."""
+    from approvals.services import _expire  # the one conditional, audited expiry
+
+    pks = list(
+        SigningRequest.objects.filter(
+            state=RequestState.PENDING_APPROVAL, expires_at__lte=timezone.now()
+        ).values_list("pk", flat=True)[:BATCH]
+    )
+    for pk in pks:
+        _expire(pk)
+    return len(pks)
