@@ -32,7 +32,7 @@ from approvals.models import Approval, Decision
 from signing_service import audit
 from signing_service.models import RequestState, SigningRequest
 from signing_service.policy import current_policy
-from signing_service.signing import SigningRefused, sign
+from signing_service.signing import SigningRefused, sign_or_enqueue
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def decide(
         raise
     req.refresh_from_db()
     if req.state == RequestState.APPROVED:
-        req = sign(req.pk)
+        req = sign_or_enqueue(req.pk)
     return Outcome(req, approval, received)
 
 

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -212,7 +213,7 @@ def submit(
         if authority.backend == "sigstore":
             req = sign_keyless(req.pk, authority, sub.identity_token or "")
         else:
-            req = sign(req.pk)
+            req = sign_or_enqueue(req.pk)
     return req, True
 
 
@@ -279,6 +280,19 @@ def _create(
 
 
 # --- sign ------------------------------------------------------------------------------
+
+
+def sign_or_enqueue(request_id: Any) -> SigningRequest:
+    """Sign now (``SIGNING_MODE=inline``) or hand the request to the Celery worker (``worker``).
+
+    In worker mode the request is returned still ``approved``; the caller polls for the result.
+    """
+    if settings.SIGNING_MODE != "worker":
+        return sign(request_id)
+    from worker.tasks.signing import enqueue_signing  # only worker mode imports Celery
+
+    enqueue_signing(request_id)
+    return SigningRequest.objects.get(pk=request_id)
 
 
 def sign(request_id: Any) -> SigningRequest:
