@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 VAR_DIR ?= $(CURDIR)/var
 PORT ?= 8000
 HOST ?= 127.0.0.1
+# The local Redis broker (started by `make run` unless one already answers on this port).
+REDIS_PORT ?= 6390
 APT_PACKAGES := softhsm2 redis-server chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VAR_DIR
@@ -13,7 +15,8 @@ export VAR_DIR
 .PHONY: run demo test lint check pytest system-deps deps migrate bootstrap clean help
 
 help:
-	@echo "make run    start the service on http://$(HOST):$(PORT) with local SoftHSM keys"
+	@echo "make run    start the service on http://$(HOST):$(PORT) with local SoftHSM keys,"
+	@echo "           Redis, the Celery worker and beat (logs in $(VAR_DIR)/log)"
 	@echo "make demo   CI signs for production, two approvers approve, model_signing verifies"
 	@echo "make test   lint and run the whole test suite"
 
@@ -51,7 +54,7 @@ run: bootstrap
 	@echo "  Approver UI:           http://$(HOST):$(PORT)/  (production needs 2 approvals; demo logins:)"
 	@cat $(VAR_DIR)/demo-users.out
 	@echo
-	exec $(VENV)/bin/gunicorn signing_service.wsgi:application -c deploy/gunicorn.conf.py --bind $(HOST):$(PORT)
+	exec env VENV=$(VENV) HOST=$(HOST) PORT=$(PORT) REDIS_PORT=$(REDIS_PORT) deploy/local/run.sh
 
 demo: bootstrap
 	$(PY) deploy/local/demo.py
