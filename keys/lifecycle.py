@@ -117,6 +117,8 @@ def transition(
             key.attributes = _jsonable(backend.check_usable(key.key_ref))
             key.activated_at, key.not_before = now, now
             data["attributes_checked"] = key.attributes
+        if to == KeyState.TRANSITION:
+            key.transitioned_at = now
         if to == KeyState.REVOKED:
             key.revoked_at = now
             key.revocation_effective_at = effective_at or now

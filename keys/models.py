@@ -56,6 +56,11 @@ class SigningKey(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     revocation_effective_at = models.DateTimeField(null=True, blank=True)
     revocation_reason = models.CharField(max_length=64, blank=True)
+    #: When the key entered ``transition`` (a successor became active); retired after
+    #: ``transition_days``.
+    transitioned_at = models.DateTimeField(null=True, blank=True)
+    #: When the rotation job first warned that this key is due for rotation.
+    rotation_due_notified_at = models.DateTimeField(null=True, blank=True)
     #: When a destroy ceremony deleted the private key; the public record stays for verifiers.
     destroyed_at = models.DateTimeField(null=True, blank=True)
     certificate_chain_pem = models.TextField(
@@ -117,8 +122,13 @@ class KeyCeremony(models.Model):
     quorum = models.PositiveSmallIntegerField()
     algorithm = models.CharField(max_length=16)
     backend = models.CharField(max_length=16, choices=KeyBackendName.choices)
+    #: Null when the rotation job opened it: then every confirmation must come from a custodian.
     opened_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    #: For a rotation: the active key the new one will replace.
+    replaces = models.ForeignKey(
+        SigningKey, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     opened_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
@@ -188,3 +198,74 @@ class Incident(models.Model):
 
     def __str__(self) -> str:
         return f"incident {self.pk}: {self.key} {self.reason}"
+
+
+class ResignBatch(models.Model):
+    """Re-signing every signature of ``old_key`` that needs it with ``new_key``.
+
+    Rotation re-signs the old key's valid signatures; revocation its quarantined ones. For an
+    authority that requires approval the batch needs ``required_approvals`` distinct approvers
+    (one decision each for the whole batch, shown its count and models) before it runs.
+    """
+
+    class Reason(models.TextChoices):
+        ROTATION = "rotation"
+        REVOCATION = "revocation"
+
+    class State(models.TextChoices):
+        PENDING_APPROVAL = "pending_approval"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        REJECTED = "rejected"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    authority = models.CharField(max_length=64)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+    old_key = models.ForeignKey(SigningKey, on_delete=models.PROTECT, related_name="+")
+    new_key = models.ForeignKey(SigningKey, on_delete=models.PROTECT, related_name="+")
+    incident = models.ForeignKey(
+        Incident, null=True, blank=True, on_delete=models.PROTECT, related_name="resign_batches"
+    )
+    state = models.CharField(max_length=20, choices=State.choices)
+    required_approvals = models.PositiveSmallIntegerField(default=0)
+    #: How many signatures the batch covers, and [{model, version}] of them (for approvers).
+    total = models.PositiveIntegerField(default=0)
+    models_summary = models.JSONField(default=list, blank=True)
+    #: [{"signature": id, "reason": ...}] of signatures given up on (attempt cap reached).
+    failures = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    approved_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # One batch per (old key, new key): planning twice cannot re-sign twice.
+            models.UniqueConstraint(fields=["old_key", "new_key"], name="one_batch_per_key_pair")
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"re-sign batch {self.pk}: {self.old_key} -> {self.new_key} ({self.state})"
+
+
+class ResignDecision(models.Model):
+    """One approver's decision on a production re-sign batch."""
+
+    batch = models.ForeignKey(ResignBatch, on_delete=models.PROTECT, related_name="decisions")
+    approver = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    approve = models.BooleanField()
+    comment = models.CharField(max_length=1000, blank=True)
+    decided_at = models.DateTimeField(default=timezone.now)
+    otp_verified_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "approver"], name="one_decision_per_batch")
+        ]
+        ordering = ["decided_at"]
+
+    def __str__(self) -> str:
+        verdict = "approved" if self.approve else "rejected"
+        return f"{self.approver_id} {verdict} re-sign batch {self.batch_id}"

@@ -71,6 +71,10 @@ class SigningRequest(models.Model):
     idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
     body_digest = models.CharField(max_length=64, help_text="SHA-256 of the canonical request body")
     failure_reason = models.TextField(blank=True)
+    #: Why an approved request is not signed yet (no active key, key backend unavailable).
+    waiting_reason = models.TextField(blank=True)
+    #: Times a signer claimed it; capped so a request that kills its worker is not retried forever.
+    sign_attempts = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
     expires_at = models.DateTimeField(null=True, blank=True)
@@ -146,6 +150,11 @@ class Signature(models.Model):
     supersedes = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="superseded_by"
     )
+    #: The re-sign batch this (old) signature belongs to, once one is planned for it.
+    resign_batch = models.ForeignKey(
+        "keys.ResignBatch", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    resign_attempts = models.PositiveSmallIntegerField(default=0)
 
     objects = SignatureQuerySet.as_manager()
 
