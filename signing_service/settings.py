@@ -214,10 +214,12 @@ CELERY_TASK_CREATE_MISSING_QUEUES = False
 CELERY_TASK_QUEUES = {
     name: {"exchange": name, "routing_key": name} for name in ("signing", "maintenance")
 }
+# Work that uses a signing key runs on "signing"; everything else (sweeps, notices) on
+# "maintenance". Globs, first match wins: name new key-using tasks sign_* or resign_*.
 CELERY_TASK_ROUTES = {
-    "worker.tasks.signing.sign_request": {"queue": "signing"},
-    "worker.tasks.signing.reconcile": {"queue": "maintenance"},
-    "worker.tasks.signing.expire_requests": {"queue": "maintenance"},
+    "worker.tasks.*.sign_*": {"queue": "signing"},
+    "worker.tasks.*.resign_*": {"queue": "signing"},
+    "worker.tasks.*": {"queue": "maintenance"},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

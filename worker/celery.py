@@ -6,7 +6,9 @@ the beat schedule lives here, next to the tasks it names.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from typing import Any
 
 from celery import Celery
@@ -14,20 +16,23 @@ from celery.signals import worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "signing_service.settings")
 
-app = Celery("modelsign", include=["worker.tasks.signing"])
+#: Every module of worker.tasks; each may declare ``BEAT_SCHEDULE`` (merged below).
+TASK_MODULES = sorted(
+    f"worker.tasks.{m.name}"
+    for m in pkgutil.iter_modules([os.path.join(os.path.dirname(__file__), "tasks")])
+)
+
+app = Celery("modelsign", include=TASK_MODULES)
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.conf.beat_schedule = {
-    "reconcile-signing-requests": {
-        "task": "worker.tasks.signing.reconcile",
-        "schedule": 60.0,
-        "options": {"queue": "maintenance", "expires": 55},
-    },
-    "expire-signing-requests": {
-        "task": "worker.tasks.signing.expire_requests",
-        "schedule": 60.0,
-        "options": {"queue": "maintenance", "expires": 55},
-    },
-}
+
+
+@app.on_after_finalize.connect
+def _beat_schedule(sender: Celery, **_: Any) -> None:
+    """The beat schedule, in code: the union of the task modules' ``BEAT_SCHEDULE`` dicts."""
+    for name in TASK_MODULES:
+        sender.conf.beat_schedule.update(
+            getattr(importlib.import_module(name), "BEAT_SCHEDULE", {})
+        )
 
 
 @worker_process_init.connect

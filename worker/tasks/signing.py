@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 # Queues: sign_request runs on "signing", the periodic tasks on "maintenance", routed by
 # CELERY_TASK_ROUTES (Celery 5 deprecates the per-task ``queue`` attribute).
 
+#: Periodic runs (merged into the beat schedule by worker.celery).
+BEAT_SCHEDULE = {
+    "reconcile-signing-requests": {
+        "task": "worker.tasks.signing.reconcile",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
+    "expire-signing-requests": {
+        "task": "worker.tasks.signing.expire_requests",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
+}
+
 #: Rows one reconcile or expire run handles; the next run (a minute later) takes the rest.
 BATCH = 1000
 #: How long a request waits for its key backend to come back before the next try.
