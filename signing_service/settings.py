@@ -183,8 +183,10 @@ SIGSTORE_TRUST_CONFIG = env_str("SIGSTORE_TRUST_CONFIG", "")
 SIGSTORE_STAGING = env_bool("SIGSTORE_STAGING", False)
 
 # --- background work (Celery on Redis; see worker/celery.py) ----------------------------
-#: ``inline`` signs in the request that approves it; ``worker`` hands it to the Celery worker.
-SIGNING_MODE = env_str("SIGNING_MODE", "inline")
+#: ``worker`` hands approved requests to the Celery worker (production default, and what
+#: ``make run`` uses); ``inline`` signs in the HTTP request that approves it (tests, and
+#: setups without a worker: then nothing retries a request waiting for its key).
+SIGNING_MODE = env_str("SIGNING_MODE", "worker" if PRODUCTION else "inline")
 if SIGNING_MODE not in ("inline", "worker"):
     raise ImproperlyConfigured(f"SIGNING_MODE must be inline or worker, got {SIGNING_MODE!r}")
 #: An approved request nobody signed for this long is enqueued again by the reconciler.

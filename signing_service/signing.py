@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from keys.backends.base import KeyBackend, KeyBackendError
+from keys.backends.base import BackendUnavailable, KeyBackend, KeyBackendError
 from keys.models import SigningKey
 from keys.registry import backend_for
 from signing_service import audit, bundle
@@ -45,6 +45,10 @@ class SigningRefused(Exception):
     def __init__(self, code: str, message: str, status: int = 400, details: Any = None) -> None:
         super().__init__(message)
         self.code, self.message, self.status, self.details = code, message, status, details
+
+
+class NoActiveKey(SigningRefused):
+    """The authority has no key that may sign now: the request waits, it does not fail."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,11 @@ def sign(request_id: Any) -> SigningRequest:
         payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
         der = backend.sign(key.key_ref, bundle.pae(payload))
         _check_signature(key, payload, der)
+    except NoActiveKey as exc:
+        return _wait(req, str(exc))
+    except BackendUnavailable as exc:
+        # Never another key: the request waits for this one's backend to come back.
+        return _wait(req, f"the {req.authority} key backend is unavailable: {exc}")
     except (SigningRefused, KeyBackendError) as exc:
         return _fail(req, str(exc))
     return _store(req, key, payload, der)
@@ -368,8 +377,10 @@ def _check_before_signing(req: SigningRequest) -> SigningKey:
         _check_approvals(req)
     key = SigningKey.objects.active_for(req.authority)
     if key is None:
-        raise SigningRefused(
-            "no_active_key", f"no active signing key for authority {req.authority!r}"
+        raise NoActiveKey(
+            "no_active_key",
+            f"no active signing key for authority {req.authority!r} "
+            "(revoked, expired or not yet created); it is signed once a new key is active",
         )
     if key.backend != authority.backend:
         raise SigningRefused(
@@ -460,12 +471,34 @@ def _record_signature(
                 },
             )
             moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
-                state=RequestState.SIGNED, signed_at=now, updated_at=now
+                state=RequestState.SIGNED, signed_at=now, updated_at=now, waiting_reason=""
             )
             if moved != 1:
                 raise IntegrityError("request left the signing state while it was being signed")
     except IntegrityError:
         pass  # already signed by this key, or taken away: the stored state is the truth
+    return SigningRequest.objects.get(pk=req.pk)
+
+
+def _wait(req: SigningRequest, reason: str) -> SigningRequest:
+    """Hand a claimed request back to ``approved`` with the reason it waits.
+
+    The worker's reconciler (or the key's activation) tries it again; the waiting reason is
+    shown to the CI job polling the request. Audited when the reason changes, not on every try.
+    """
+    with transaction.atomic():
+        previous = (
+            SigningRequest.objects.filter(pk=req.pk)
+            .values_list("waiting_reason", flat=True)
+            .first()
+        )
+        moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
+            state=RequestState.APPROVED, waiting_reason=reason, updated_at=timezone.now()
+        )
+        if moved and previous != reason:
+            audit.record(
+                "signing-service", "signing_request.waiting", target=req, data={"reason": reason}
+            )
     return SigningRequest.objects.get(pk=req.pk)
 
 

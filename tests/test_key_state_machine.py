@@ -117,8 +117,10 @@ def test_a_request_never_falls_back_to_another_key(
     )
     assert response.status_code == 201
     body = response.json()
-    assert body["state"] == "failed"
-    assert "no active signing key for authority 'staging'" in body["failure_reason"]
+    # It waits (SPEC section 9: in-flight requests wait for a new active key); it is not
+    # signed by any other key meanwhile.
+    assert body["state"] == "approved"
+    assert "no active signing key for authority 'staging'" in body["waiting_reason"]
     assert not Signature.objects.exists()  # production's and development's keys were not used
 
 

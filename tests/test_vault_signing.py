@@ -55,22 +55,24 @@ def test_a_vault_key_signs_and_model_signing_verifies(
     assert vault_staging.key_ref["version"] == 1
 
 
-def test_a_sealed_vault_fails_the_request_with_a_reason(
+def test_a_sealed_vault_makes_the_request_wait_and_it_is_signed_after_unseal(
     api: Any, issue_token: Any, vault_staging: Any, vault_server: Any
 ) -> None:
+    from signing_service import signing
+
     vault_server.seal()
     response = authed(api, issue_token()).post(
         "/api/v1/signing-requests/", request_body(), format="json"
     )
     body = response.json()
-    assert body["state"] == "failed"
-    assert "sealed" in body["failure_reason"]
+    assert body["state"] == "approved"  # waiting, not failed, and no other key stepped in
+    assert "sealed" in body["waiting_reason"]
     assert not Signature.objects.exists()
+    assert signing.sign(body["id"]).state == "approved"  # a retry while sealed still waits
     vault_server.unseal()
-    again = authed(api, issue_token()).post(
-        "/api/v1/signing-requests/", request_body(version="2"), format="json"
-    )
-    assert again.json()["state"] == "signed"
+    signed = signing.sign(body["id"])  # what the worker's retry or reconciler does
+    assert signed.state == "signed" and signed.waiting_reason == ""
+    assert Signature.objects.get(request=signed).key_id == vault_staging.pk
 
 
 def test_a_ceremony_on_vault_rotates_the_transit_key_and_pins_the_new_version(

@@ -201,17 +201,21 @@ def test_a_request_waits_while_its_key_backend_is_down(
 ) -> None:
     from celery.exceptions import Retry
 
-    from keys.backends.base import Health
-    from worker.tasks import signing as tasks
+    from keys.backends.base import BackendUnavailable
 
     class DownBackend:
-        def health(self) -> Health:
-            return Health(ok=False, detail="HSM unreachable")
+        def check_usable(self, key_ref: Any) -> dict[str, Any]:
+            raise BackendUnavailable("HSM unreachable")
 
-    monkeypatch.setattr(tasks, "backend_for", lambda key: DownBackend())
+        def sign(self, key_ref: Any, data: bytes) -> bytes:
+            raise BackendUnavailable("HSM unreachable")
+
+    monkeypatch.setattr(signing, "backend_for", lambda key: DownBackend())
+    monkeypatch.setattr(signing, "_usable_checked", set())
     req = approved_request()
     with pytest.raises(Retry, match="Retry in 30s"):
         sign_request.apply(args=[str(req.pk)], throw=True)
     req.refresh_from_db()
     assert req.state == RequestState.APPROVED  # still waiting, not failed
+    assert "key backend is unavailable: HSM unreachable" in req.waiting_reason
     assert not Signature.objects.filter(request=req).exists()

@@ -10,6 +10,8 @@ HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 REDIS_PORT=${REDIS_PORT:-6390}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:${REDIS_PORT}/0}
+# Approved requests are signed by the worker: waits (no active key, HSM down) are retried.
+export SIGNING_MODE=${SIGNING_MODE:-worker}
 LOG_DIR="$VAR_DIR/log"
 mkdir -p "$LOG_DIR" "$VAR_DIR/redis"
 

@@ -123,7 +123,7 @@ class SigningRequestSerializer(serializers.ModelSerializer):
         fields = [
             "id", "state", "model", "version", "environment", "requester", "actor", "ci",
             "root_digest", "statement_digest", "resource_count", "approvals", "key",
-            "failure_reason", "created_at", "updated_at", "expires_at", "signed_at", "links",
+            "failure_reason", "waiting_reason", "created_at", "updated_at", "expires_at", "signed_at", "links",
         ]  # fmt: skip
 
     def get_resource_count(self, obj: SigningRequest) -> int:

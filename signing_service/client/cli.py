@@ -232,6 +232,9 @@ def _describe(req: Mapping[str, Any]) -> str:
     text = f"request {req.get('id')}: {req.get('state')}"
     if approvals and approvals.get("required"):
         text += f" (approvals {approvals.get('received', 0)}/{approvals.get('required')})"
+    waiting = req.get("waiting_reason")
+    if isinstance(waiting, str) and waiting:
+        text += f", waiting: {_printable(waiting)}"
     return text
 
 

@@ -14,10 +14,10 @@ from typing import Any
 from celery import Task
 from django.conf import settings
 from django.db import OperationalError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from keys.models import SigningKey
-from keys.registry import backend_for
 from signing_service import audit, signing
 from signing_service.models import RequestState, SigningRequest
 from worker.celery import app
@@ -45,6 +45,8 @@ BEAT_SCHEDULE = {
 BATCH = 1000
 #: How long a request waits for its key backend to come back before the next try.
 BACKEND_RETRY_SECONDS = 30
+#: A request reclaimed from dead workers this many times fails instead of being retried.
+MAX_SIGN_ATTEMPTS = 5
 
 
 def enqueue_signing(request_id: Any) -> None:
@@ -66,26 +68,22 @@ def enqueue_signing(request_id: Any) -> None:
     retry_backoff=True,
 )
 def sign_request(self: Task, request_id: str) -> str:
-    """Sign one approved request; returns its state. A no-op unless it is ``approved``."""
-    down = _backend_down(request_id)
-    if down:
-        # Wait rather than fail: sign() would burn the request on a backend outage.
-        log.warning("request %s waits for its key backend: %s", request_id, down)
-        raise self.retry(countdown=BACKEND_RETRY_SECONDS)
-    return str(signing.sign(request_id).state)
+    """Sign one approved request; returns its state. A no-op unless it is ``approved``.
 
-
-def _backend_down(request_id: str) -> str:
-    """Why the active key's backend cannot sign now, or "" (also when there is nothing to do).
-
-    A best-effort pre-check only: sign() still checks everything itself, fail-closed.
+    When the key backend is down the request goes back to ``approved`` with its waiting
+    reason (see :func:`signing_service.signing.sign`) and this task tries again shortly; when
+    the authority has no active key it waits for the reconciler or the key's activation.
     """
-    req = SigningRequest.objects.filter(pk=request_id, state=RequestState.APPROVED).first()
-    key = SigningKey.objects.active_for(req.authority) if req is not None else None
-    if key is None:
-        return ""  # sign() records the real reason
-    health = backend_for(key).health()
-    return "" if health.ok else health.detail
+    req = signing.sign(request_id)
+    if (
+        req.state == RequestState.APPROVED
+        and req.waiting_reason
+        and SigningKey.objects.active_for(req.authority) is not None
+        and self.request.retries < (self.max_retries or 0)
+    ):
+        log.warning("request %s waits for its key backend: %s", request_id, req.waiting_reason)
+        raise self.retry(countdown=BACKEND_RETRY_SECONDS)
+    return str(req.state)
 
 
 @app.task(acks_late=True, max_retries=0, soft_time_limit=120, time_limit=150)
@@ -124,17 +122,36 @@ def _reclaim(pk: Any, cutoff: datetime) -> bool:
         # Conditional: a worker that finished (or another reconciler) in the meantime wins.
         moved = SigningRequest.objects.filter(
             pk=pk, state=RequestState.SIGNING, updated_at__lt=cutoff
-        ).update(state=RequestState.APPROVED, updated_at=timezone.now())
-        if moved:
-            req = SigningRequest.objects.get(pk=pk)
-            audit.record(
-                "signing-service",
-                "signing_request.reclaimed",
-                target=req,
-                data={"reason": "stuck in signing; its worker is presumed dead"},
+        ).update(
+            state=RequestState.APPROVED,
+            sign_attempts=F("sign_attempts") + 1,
+            updated_at=timezone.now(),
+        )
+        if not moved:
+            return False
+        req = SigningRequest.objects.get(pk=pk)
+        if req.sign_attempts >= MAX_SIGN_ATTEMPTS:
+            # The same request took its worker down every time: stop before it takes more.
+            reason = (
+                f"gave up after {req.sign_attempts} attempts: the signer died each time "
+                "(see the worker log); submit the request again once the cause is fixed"
             )
-            enqueue_signing(pk)
-    return bool(moved)
+            SigningRequest.objects.filter(pk=pk, state=RequestState.APPROVED).update(
+                state=RequestState.FAILED, failure_reason=reason, updated_at=timezone.now()
+            )
+            audit.record(
+                "signing-service", "signing_request.failed", target=req, data={"reason": reason}
+            )
+            return True
+        audit.record(
+            "signing-service",
+            "signing_request.reclaimed",
+            target=req,
+            data={"reason": "stuck in signing; its worker is presumed dead",
+                  "attempt": req.sign_attempts},
+        )  # fmt: skip
+        enqueue_signing(pk)
+    return True
 
 
 @app.task(acks_late=True, max_retries=0, soft_time_limit=120, time_limit=150)
