@@ -58,3 +58,31 @@ def test_the_approval_that_completes_the_quorum_enqueues_signing(
     assert outcome.request.state == RequestState.APPROVED
     wait_until_signed(req.pk, celery_worker_process)
     assert Signature.objects.filter(request=req).count() == 1
+
+
+def test_a_request_is_accepted_and_kept_while_the_broker_is_down(
+    worker_mode: None,
+    active_keys: Any,
+    api: Any,
+    issue_token: Callable[..., str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis down is not the CI job's problem: 201, stored, and the reconciler enqueues it later."""
+    from tests.redis_fixtures import _use_broker, free_port
+    from worker.celery import app
+
+    previous = app.conf.broker_url
+    _use_broker(app, f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    try:
+        started = time.monotonic()
+        response = authed(api, issue_token()).post(
+            "/api/v1/signing-requests/", request_body(), format="json"
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        _use_broker(app, previous)
+    assert response.status_code == 201, response.content
+    assert response.json()["state"] == RequestState.APPROVED
+    assert SigningRequest.objects.filter(pk=response.json()["id"]).exists()
+    assert "could not enqueue" in caplog.text and "the reconciler will" in caplog.text
+    print(f"submit with the broker down answered in {elapsed:.2f} s")

@@ -96,7 +96,7 @@ def test_it_enqueues_on_commit_only(
     from django.db import transaction
 
     sent: list[str] = []
-    monkeypatch.setattr(sign_request, "delay", sent.append)
+    monkeypatch.setattr(sign_request, "apply_async", lambda args, **options: sent.append(*args))
     req = approved_request()
     with transaction.atomic():
         enqueue_signing(req.pk)

@@ -21,6 +21,7 @@ from keys.models import SigningKey
 from signing_service import audit, signing
 from signing_service.models import RequestState, SigningRequest
 from worker.celery import app
+from worker.tasks import enqueue_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ def enqueue_signing(request_id: Any) -> None:
 
     On commit, so the worker never looks for a row it cannot see yet (or one rolled back).
     """
-    pk = str(request_id)
-    transaction.on_commit(lambda: sign_request.delay(pk))
+    enqueue_on_commit(sign_request, str(request_id))
 
 
 @app.task(
