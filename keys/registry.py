@@ -10,6 +10,7 @@ from django.conf import settings
 
 from keys.backends.base import BackendUnavailable, KeyBackend
 from keys.models import KeyBackendName, SigningKey
+from signing_service.policy import CHECKPOINT_AUTHORITY
 
 _lock = threading.Lock()
 _backends: dict[tuple[str, str], KeyBackend] = {}
@@ -20,12 +21,16 @@ def _env_suffix(authority: str) -> str:
 
 
 def pkcs11_token_label(authority: str) -> str:
+    if authority == CHECKPOINT_AUTHORITY:  # its own token, never a signing authority's
+        return str(settings.AUDIT_CHECKPOINT_TOKEN)
     return os.environ.get(f"PKCS11_TOKEN_{_env_suffix(authority)}", f"modelsign-{authority}")
 
 
 def pkcs11_pin(authority: str) -> str:
     from keys.backends.pkcs11 import read_pin_file
 
+    if authority == CHECKPOINT_AUTHORITY:
+        return read_pin_file(str(settings.AUDIT_CHECKPOINT_PIN_FILE))
     path = os.environ.get(f"PKCS11_PIN_FILE_{_env_suffix(authority)}") or settings.PKCS11_PIN_FILE
     return read_pin_file(str(path))
 

@@ -91,7 +91,7 @@ def verify_chain(batch_size: int = 2000) -> tuple[int, AuditProblem | None]:
             return expected_seq - 1, AuditProblem(
                 entry.seq, f"entry {entry.seq} does not link to entry {entry.seq - 1}"
             )
-        if _recompute(entry) != entry.entry_hash:
+        if recompute_hash(entry) != entry.entry_hash:
             return expected_seq - 1, AuditProblem(
                 entry.seq, f"entry {entry.seq} was modified (its hash does not match its contents)"
             )
@@ -112,7 +112,8 @@ def _check_head(last_seq: int, last_hash: str) -> AuditProblem | None:
     return None
 
 
-def _recompute(entry: AuditEntry) -> str:
+def recompute_hash(entry: AuditEntry) -> str:
+    """The hash ``entry`` should have, from its stored contents."""
     return entry_hash(
         seq=entry.seq,
         created_at=entry.created_at.isoformat(),

@@ -1,4 +1,4 @@
-"""Signing requests, issued signatures, CI API tokens and the audit log."""
+"""Signing requests, issued signatures, CI API tokens, the audit log and its checkpoints."""
 
 from __future__ import annotations
 
@@ -274,6 +274,48 @@ class AuditHead(models.Model):
 
     def __str__(self) -> str:
         return f"audit head #{self.seq}"
+
+
+class AppendOnlyCheckpoints(models.QuerySet["AuditCheckpoint"]):
+    def update(self, **kwargs: Any) -> int:
+        raise PermissionError("audit checkpoints are append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise PermissionError("audit checkpoints are append-only")
+
+
+class AuditCheckpoint(models.Model):
+    """The checkpoint key's signature over the audit log's head at one moment.
+
+    ``envelope`` (a DSSE envelope, see :mod:`signing_service.audit_checkpoints`) is the
+    record; ``seq``, ``entry_hash`` and ``created_at`` are copies of its signed payload for
+    queries, and ``verify_audit`` checks that they agree with it.
+    """
+
+    #: 1, 2, 3, ... with no gaps; signed, so a removed checkpoint leaves a visible gap.
+    number = models.PositiveBigIntegerField(unique=True)
+    #: The audit entry whose hash is signed (the checkpoint's own ``audit.checkpoint`` entry).
+    seq = models.PositiveBigIntegerField(unique=True)
+    entry_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField()
+    key = models.ForeignKey(SigningKey, on_delete=models.PROTECT, related_name="audit_checkpoints")
+    envelope = models.TextField(help_text="The DSSE envelope JSON, exactly as signed and served")
+
+    objects = AppendOnlyCheckpoints.as_manager()
+
+    class Meta:
+        ordering = ["number"]
+
+    def __str__(self) -> str:
+        return f"audit checkpoint #{self.number} at entry {self.seq}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise PermissionError("audit checkpoints are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise PermissionError("audit checkpoints are append-only")
 
 
 class TrustDocument(models.Model):

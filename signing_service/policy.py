@@ -22,6 +22,10 @@ KEY_ALGORITHMS = ("ECDSA-P256", "ECDSA-P384", "ECDSA-P521")
 KEY_STORAGE_BACKENDS = {"HSM": "pkcs11", "vault": "vault"}
 _ROTATION_WORDS = {"annual": 365, "quarterly": 91, "monthly": 30}
 _AUTHORITY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+#: The authority name of the audit checkpoint key (see signing_service.audit_checkpoints). It
+#: is reserved: a signing authority of that name would let model requests reach that key.
+CHECKPOINT_AUTHORITY = "audit-checkpoint"
+RESERVED_AUTHORITIES = frozenset({CHECKPOINT_AUTHORITY})
 
 
 class PolicyError(ValueError):
@@ -124,6 +128,11 @@ def _authorities(node: object) -> dict[str, Authority]:
     for name, body in items.items():
         if not isinstance(name, str) or not _AUTHORITY_NAME.fullmatch(name):
             raise PolicyError(f"{where}.{name}", "authority names are lowercase a-z, 0-9, - and _")
+        if name in RESERVED_AUTHORITIES:
+            raise PolicyError(
+                f"{where}.{name}",
+                "is reserved for the audit checkpoint key and cannot be a signing authority",
+            )
         out[name] = _authority(name, body, f"{where}.{name}")
     return out
 

@@ -173,6 +173,24 @@ PKCS11_MODULE = env_str("PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")
 #: PIN per authority: PKCS11_PIN_FILE_<AUTHORITY>, else PKCS11_PIN_FILE.
 PKCS11_PIN_FILE = env_path("PKCS11_PIN_FILE", VAR_DIR / "softhsm" / "user.pin")
 SOFTHSM_DIR = env_path("SOFTHSM_DIR", VAR_DIR / "softhsm")
+#: The audit checkpoint key (signing_service.audit_checkpoints) signs nothing but audit
+#: checkpoints, on a PKCS#11 token of its own with its own PIN file (same PKCS11_MODULE).
+AUDIT_CHECKPOINT_TOKEN = env_str("AUDIT_CHECKPOINT_TOKEN", "modelsign-audit-checkpoint")
+AUDIT_CHECKPOINT_PIN_FILE = env_path(
+    "AUDIT_CHECKPOINT_PIN_FILE", VAR_DIR / "softhsm" / "audit-checkpoint.pin"
+)
+AUDIT_CHECKPOINT_KEY_ALGORITHM = env_str("AUDIT_CHECKPOINT_KEY_ALGORITHM", "ECDSA-P256")
+if AUDIT_CHECKPOINT_KEY_ALGORITHM not in ("ECDSA-P256", "ECDSA-P384", "ECDSA-P521"):
+    raise ImproperlyConfigured(
+        "AUDIT_CHECKPOINT_KEY_ALGORITHM must be ECDSA-P256, ECDSA-P384 or ECDSA-P521, "
+        f"got {AUDIT_CHECKPOINT_KEY_ALGORITHM!r}"
+    )
+#: A new checkpoint key is valid this long; checkpoints it signed stay verifiable after that.
+AUDIT_CHECKPOINT_KEY_DAYS = env_int("AUDIT_CHECKPOINT_KEY_DAYS", 730, minimum=1, maximum=3650)
+#: How often the worker's beat signs the audit log's head (nothing is signed if it did not move).
+AUDIT_CHECKPOINT_INTERVAL_SECONDS = env_int(
+    "AUDIT_CHECKPOINT_INTERVAL_SECONDS", 3600, minimum=60, maximum=7 * 86400
+)
 #: Vault transit: token from VAULT_TOKEN_FILE, or AppRole (VAULT_ROLE_ID + VAULT_SECRET_ID_FILE).
 VAULT_ADDR = env_str("VAULT_ADDR", "")
 VAULT_TRANSIT_MOUNT = env_str("VAULT_TRANSIT_MOUNT", "transit")

@@ -37,7 +37,7 @@ from keys.registry import backend_for
 from signing_service import bundle
 from signing_service.client.trust import TRUST_PAYLOAD_TYPE, TRUST_TYPE, format_time
 from signing_service.models import AuditEntry, TrustDocument
-from signing_service.policy import Policy, current_policy
+from signing_service.policy import RESERVED_AUTHORITIES, Policy, current_policy
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,11 @@ def document_content(policy: Policy | None = None) -> dict[str, Any]:
     """The document without ``version`` and ``issued_at``: a pure function of the database
     and the policy, so equal content means an unchanged trust state."""
     policy = policy or current_policy()
+    # The audit checkpoint key is not a model-signing key: verifiers must never accept it.
     keys = list(
-        SigningKey.objects.exclude(state=KeyState.PENDING).order_by(
-            "authority", "created_at", "hint"
-        )
+        SigningKey.objects.exclude(state=KeyState.PENDING)
+        .exclude(authority__in=RESERVED_AUTHORITIES)
+        .order_by("authority", "created_at", "hint")
     )
     starts = _transition_starts(keys)
     window = timedelta(days=policy.key_management.transition_days)
@@ -161,8 +162,13 @@ def _issue(content: dict[str, Any], digest: str, version: int) -> TrustDocument:
 
 
 def _active_now(now: datetime) -> list[SigningKey]:
-    """The keys that sign: active, and inside their validity window (as for bundles)."""
-    keys = SigningKey.objects.filter(state=KeyState.ACTIVE).order_by("authority")
+    """The keys that sign: active, and inside their validity window (as for bundles); never
+    the audit checkpoint key, which signs checkpoints only."""
+    keys = (
+        SigningKey.objects.filter(state=KeyState.ACTIVE)
+        .exclude(authority__in=RESERVED_AUTHORITIES)
+        .order_by("authority")
+    )
     return [k for k in keys if k.can_sign(now)]
 
 
