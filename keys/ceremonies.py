@@ -7,6 +7,10 @@ Rules, all enforced here for the web pages and ``manage.py key_ceremony`` alike:
   the opener's own confirmation counts as the first;
 * ``ceremony_quorum`` distinct custodians; the same person twice counts once (refused);
 * a ceremony must complete within CEREMONY_TTL_MINUTES, or it expires;
+* the rotation job (:mod:`keys.rotation`) opens a create ceremony itself when the active key
+  nears its ``not_after`` (:func:`open_rotation_ceremony`): it has no opener, so all
+  ``ceremony_quorum`` confirmations come from custodians, and it expires with the key it
+  replaces rather than after CEREMONY_TTL_MINUTES;
 * the key is generated only when the quorum completes, inside the transaction that records
   it, so an aborted, expired or killed ceremony leaves no key the service would use;
 * the new key becomes active; the authority's previous active key enters ``transition``;
@@ -41,6 +45,10 @@ from keys.registry import backend_for, backend_for_authority
 from signing_service import audit
 from signing_service.policy import current_policy
 from signing_service.signing import SigningRefused
+
+#: The actor the audit log names for what the rotation job does.
+SYSTEM_ACTOR = "rotation-job"
+KEY_BACKENDS = (KeyBackendName.PKCS11, KeyBackendName.VAULT)
 
 
 def is_custodian(user: Any, authority: str) -> bool:
@@ -95,6 +103,42 @@ def open_ceremony(
         raise SigningRefused(
             "ceremony_open", f"a key ceremony for {authority!r} is already open", status=409
         ) from None
+    return ceremony
+
+
+def open_rotation_ceremony(key: SigningKey, *, now: datetime | None = None) -> KeyCeremony | None:
+    """Open the system's ceremony to replace ``key``, the active key nearing its ``not_after``.
+
+    Nobody confirms by opening it: ``ceremony_quorum`` custodians must each confirm with a
+    fresh second factor. It stays open until ``key.not_after``. Returns None when a create
+    ceremony for the authority is already open (custodians confirm that one instead).
+    """
+    policy = current_policy()
+    auth = policy.authority(key.authority)
+    if auth is None or auth.backend not in KEY_BACKENDS:
+        raise SigningRefused(
+            "invalid", f"{key.authority!r} is not a key-based authority in the policy"
+        )
+    now = now or timezone.now()
+    if key.state != KeyState.ACTIVE or key.not_after is None or key.not_after <= now:
+        raise SigningRefused(
+            "invalid", f"only an active key that has not expired is rotated; {key} is not"
+        )
+    try:
+        with transaction.atomic():  # a savepoint: the open-ceremony constraint settles races
+            ceremony = KeyCeremony.objects.create(
+                authority=key.authority, purpose=CeremonyPurpose.CREATE,
+                quorum=policy.key_management.ceremony_quorum, algorithm=auth.key_algorithm,
+                backend=auth.backend, opened_by=None, replaces=key, opened_at=now,
+                expires_at=key.not_after,
+                note=f"rotation: key {key.fingerprint} expires {key.not_after:%Y-%m-%d %H:%M} UTC",
+            )  # fmt: skip
+            audit.record(
+                SYSTEM_ACTOR, "ceremony.opened", target=ceremony,
+                data=_summary(ceremony) | {"replaces": key.hint, "expires_at": key.not_after.isoformat()},
+            )  # fmt: skip
+    except IntegrityError:
+        return None
     return ceremony
 
 
@@ -254,6 +298,26 @@ def _complete_destroy(ceremony: KeyCeremony, user: Any) -> None:
         target=ceremony,
         data=_summary(ceremony) | {"key": key.hint},
     )
+
+
+def expire_overdue(ceremony_id: Any, *, now: datetime | None = None) -> bool:
+    """Mark an open ceremony past its ``expires_at`` as expired (the rotation job's sweep).
+
+    Confirming marks one too; sweeping also frees the authority for a new ceremony.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        # Conditional: a ceremony that completed or was aborted meanwhile keeps its state.
+        moved = KeyCeremony.objects.filter(
+            pk=ceremony_id, state=CeremonyState.OPEN, expires_at__lte=now
+        ).update(state=CeremonyState.EXPIRED, closed_at=now)
+        if moved:
+            ceremony = KeyCeremony.objects.get(pk=ceremony_id)
+            audit.record(
+                SYSTEM_ACTOR, f"ceremony.{CeremonyState.EXPIRED}", target=ceremony,
+                data=_summary(ceremony) | {"reason": "its quorum was not reached in time"},
+            )  # fmt: skip
+    return bool(moved)
 
 
 def _close(ceremony_id: Any, state: str, actor: str, reason: str = "") -> bool:

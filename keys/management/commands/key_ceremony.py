@@ -100,4 +100,4 @@ class Command(BaseCommand):
     def _list(self, opts: dict[str, Any]) -> None:
         for c in KeyCeremony.objects.all()[:20]:
             self.stdout.write(f"{c.pk} {c.authority:12} {c.state:9} {c.confirmations.count()}/{c.quorum} "
-                              f"opened {c.opened_at:%Y-%m-%d %H:%M} by {c.opened_by}")  # fmt: skip
+                              f"opened {c.opened_at:%Y-%m-%d %H:%M} by {c.opened_by or 'the rotation job'}")  # fmt: skip
