@@ -1,7 +1,7 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from signing_service.api import views
+from signing_service.api import audit, views
 
 app_name = "api-v1"
 
@@ -37,4 +37,14 @@ urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(api_version="1"), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-v1:schema"), name="docs"),
     path("trust/", views.TrustDocumentView.as_view(), name="trust"),
+    path(
+        "audit/checkpoints/",
+        audit.AuditCheckpointListView.as_view(),
+        name="audit-checkpoints",
+    ),
+    path(
+        "audit/checkpoints/<int:number>.json",
+        audit.AuditCheckpointEnvelopeView.as_view(),
+        name="audit-checkpoint-envelope",
+    ),
 ]
