@@ -1,4 +1,5 @@
-"""Create the embedded default's SoftHSM tokens and one active key per HSM authority.
+"""Create the embedded default's SoftHSM tokens, one active key per HSM authority, and the
+audit checkpoint key on a token of its own.
 
 This is for a developer machine and CI only: it makes tokens with random PINs under
 VAR_DIR and activates keys with no ceremony. It refuses to run in production, where keys
@@ -20,7 +21,8 @@ from keys import softhsm
 from keys.lifecycle import register_key
 from keys.models import SigningKey
 from keys.registry import pkcs11_backend, pkcs11_token_label
-from signing_service.policy import current_policy
+from signing_service import audit_checkpoints
+from signing_service.policy import CHECKPOINT_AUTHORITY, current_policy
 
 
 def _secret_file(path: Path) -> str:
@@ -34,7 +36,10 @@ def _secret_file(path: Path) -> str:
 
 
 class Command(BaseCommand):
-    help = "LOCAL/CI ONLY: create SoftHSM tokens and an active key for each HSM authority."
+    help = (
+        "LOCAL/CI ONLY: create SoftHSM tokens, an active key for each HSM authority and the "
+        "audit checkpoint key."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--authority", action="append", dest="authorities",
@@ -54,6 +59,8 @@ class Command(BaseCommand):
             if authority is None or authority.backend != "pkcs11":
                 raise CommandError(f"{name!r} is not an HSM authority in the policy")
             self._ensure_key(name, authority.key_algorithm, authority.key_rotation, conf)
+        if not opts["authorities"]:
+            self._ensure_checkpoint_key(conf)
 
     def _prepare_softhsm(self) -> Path:
         directory = Path(settings.SOFTHSM_DIR)
@@ -79,3 +86,21 @@ class Command(BaseCommand):
             transcript={"ceremony": "none (local bootstrap)", "token": label},
         )  # fmt: skip
         self.stdout.write(f"{authority}: created active key {key.fingerprint} on token {label!r}")
+
+    def _ensure_checkpoint_key(self, conf: Path) -> None:
+        """The audit checkpoint key, on a token of its own with a PIN of its own."""
+        existing = SigningKey.objects.active_for(CHECKPOINT_AUTHORITY)
+        if existing is not None:
+            self.stdout.write(
+                f"audit checkpoints: active key {existing.fingerprint} already exists"
+            )
+            return
+        label = settings.AUDIT_CHECKPOINT_TOKEN
+        pin = _secret_file(Path(settings.AUDIT_CHECKPOINT_PIN_FILE))
+        softhsm.init_token(str(conf), label, self.so_pin, pin)
+        key = audit_checkpoints.create_key(
+            "bootstrap_local_keys", transcript={"ceremony": "none (local bootstrap)"}
+        )
+        self.stdout.write(
+            f"audit checkpoints: created active key {key.fingerprint} on token {label!r}"
+        )
