@@ -21,7 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from approvals.groups import identity_of
 from approvals.services import check_fresh_otp
 from approvals.views import _otp_verified_at, verify_otp
-from keys import ceremonies
+from keys import ceremonies, rotation
 from keys.lifecycle import KeyStateError
 from keys.models import CeremonyState, Incident, KeyCeremony, SigningKey
 from keys.revocation import revoke
@@ -46,7 +46,7 @@ def keys_page(request: HttpRequest) -> HttpResponse:
         key.days_left = (key.not_after - now).days if key.not_after else None  # type: ignore[attr-defined]
     open_ceremonies = (
         KeyCeremony.objects.filter(authority__in=authorities, state=CeremonyState.OPEN)
-        .select_related("opened_by")
+        .select_related("opened_by", "replaces")
         .prefetch_related("confirmations")
     )
     recent = KeyCeremony.objects.filter(authority__in=authorities).exclude(
@@ -61,6 +61,7 @@ def keys_page(request: HttpRequest) -> HttpResponse:
             :20
         ],
         "now": now,
+        "rotation": rotation.notices(authorities, now),
     }
     return render(request, "keys/custodian.html", context)
 
