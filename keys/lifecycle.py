@@ -65,7 +65,24 @@ def register_key(
                 **(transcript or {}),
             },
         )
+        if activate:
+            plan_resigning_on_commit(authority)
     return key
+
+
+def plan_resigning_on_commit(authority: str) -> None:
+    """Once a new active key is committed, plan re-signing the older keys' signatures.
+
+    After the commit, so the planner sees the key; robust, so a planning error never undoes
+    or hides the activation (the worker's sweep plans again). Planning needs no broker.
+    """
+
+    def plan() -> None:
+        from keys.resigning import plan_for_authority  # re-signing builds on the lifecycle
+
+        plan_for_authority(authority)
+
+    transaction.on_commit(plan, robust=True)
 
 
 def _jsonable(attributes: dict[str, Any]) -> dict[str, Any]:
@@ -132,4 +149,6 @@ def transition(
             target=key,
             data={"authority": key.authority, "hint": key.hint, **data},
         )
+        if to == KeyState.ACTIVE:
+            plan_resigning_on_commit(key.authority)
     return key
