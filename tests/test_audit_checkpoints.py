@@ -368,6 +368,27 @@ def test_a_rotated_key_keeps_old_checkpoints_verifiable(
 
 
 @pytest.mark.django_db
+def test_checkpoints_signed_after_the_keys_revocation_fail(checkpoint_key: SigningKey) -> None:
+    append(1)
+    checkpoints.create_checkpoint("tester")
+    append(1)
+    second = checkpoints.create_checkpoint("tester")
+    assert second is not None
+    first_time = AuditCheckpoint.objects.get(number=1).created_at
+    effective = first_time + (second.created_at - first_time) / 2  # between the two
+    run("revoke_key", checkpoint_key.hint[:16], "--reason", "compromised",
+        "--effective-at", effective.isoformat())  # fmt: skip
+    with pytest.raises(CommandError) as caught:
+        verify_audit()
+    message = str(caught.value)
+    assert "checkpoint #2 FAILS: it was signed at" in message
+    assert "at or after its key's revocation" in message
+    assert "checkpoint #1" not in message
+    with pytest.raises(checkpoints.CheckpointUnavailable, match="no active audit checkpoint key"):
+        checkpoints.create_checkpoint("tester")
+
+
+@pytest.mark.django_db
 def test_bad_checkpoint_key_files_are_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match=r"--checkpoint-key: cannot read .*missing\.pem"):
         verify_audit("--checkpoint-key", str(tmp_path / "missing.pem"))
