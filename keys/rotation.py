@@ -93,7 +93,7 @@ def _due_for(authority: str, km: KeyManagement, now: datetime) -> list[Due]:
     active = next((k for k in keys if k.state == KeyState.ACTIVE), None)
     in_transition = [k for k in keys if k.state == KeyState.TRANSITION]
     found = _overdue_ceremonies(authority, now)
-    if active is not None:
+    if active is not None and active.can_sign(now):  # an expired key cannot re-sign either
         found += _resign_due(authority, active)
     found += _retire_due(authority, in_transition, km, now)
     if active is not None and active.not_after is not None:
