@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -71,7 +72,8 @@ def register_key(
 
 
 def plan_resigning_on_commit(authority: str) -> None:
-    """Once a new active key is committed, plan re-signing the older keys' signatures.
+    """Once a new active key is committed, plan re-signing the older keys' signatures and
+    hand the requests that waited for a key to the worker.
 
     After the commit, so the planner sees the key; robust, so a planning error never undoes
     or hides the activation (the worker's sweep plans again). Planning needs no broker.
@@ -81,6 +83,11 @@ def plan_resigning_on_commit(authority: str) -> None:
         from keys.resigning import plan_for_authority  # re-signing builds on the lifecycle
 
         plan_for_authority(authority)
+        if settings.SIGNING_MODE == "worker":
+            # Requests that waited for a key are signed now, not at the next reconcile.
+            from worker.tasks.signing import enqueue_waiting
+
+            enqueue_waiting(authority)
 
     transaction.on_commit(plan, robust=True)
 

@@ -263,3 +263,42 @@ def test_a_request_that_kills_its_worker_every_time_fails_after_the_attempt_cap(
     assert req.state == RequestState.FAILED
     assert f"gave up after {MAX_SIGN_ATTEMPTS} attempts" in req.failure_reason
     assert not Signature.objects.filter(request=req).exists()
+
+
+def test_requests_waiting_for_a_key_are_signed_as_soon_as_a_new_key_is_active(
+    celery_app_for_tests: Any,
+    redis_url: str,
+    active_keys: dict[str, SigningKey],
+    tmp_path: Path,
+    settings: Any,
+) -> None:
+    from keys.lifecycle import transition
+
+    settings.SIGNING_MODE = "worker"
+    transition(active_keys["staging"].pk, "revoked", actor="tests", reason="compromised")
+    waiting = [approved_request(n).pk for n in range(3)]
+    worker = start_worker(redis_url, tmp_path / "worker.log")
+    try:
+        for pk in waiting:
+            enqueue_signing(pk)
+        wait_for(
+            lambda: all(
+                "no active signing key" in r.waiting_reason
+                for r in SigningRequest.objects.filter(pk__in=waiting)
+            ),
+            what=f"requests waiting for a key\n{worker.output()[-3000:]}",
+        )
+        assert not Signature.objects.filter(request__in=waiting).exists()
+        backend = registry.pkcs11_backend("staging")
+        generated = backend.generate(f"staging-{secrets.token_hex(4)}", "ECDSA-P256")
+        new = register_key(
+            "staging", backend, generated, algorithm="ECDSA-P256",
+            validity=timedelta(days=90), actor="tests", activate=True,
+        )  # fmt: skip
+        # No reconcile run: the activation itself hands the waiting requests to the worker.
+        wait_for(all_signed(waiting), what=f"signed by the new key\n{worker.output()[-3000:]}")
+    finally:
+        worker.stop()
+    assert set(Signature.objects.filter(request__in=waiting).values_list("key", flat=True)) == {
+        new.pk
+    }

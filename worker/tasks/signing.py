@@ -58,6 +58,19 @@ def enqueue_signing(request_id: Any) -> None:
     enqueue_on_commit(sign_request, str(request_id))
 
 
+def enqueue_waiting(authority: str) -> int:
+    """Send the requests of ``authority`` that wait (no key, backend down) to the worker now."""
+    pks = list(
+        SigningRequest.objects.filter(authority=authority, state=RequestState.APPROVED)
+        .exclude(waiting_reason="")
+        .order_by("updated_at")
+        .values_list("pk", flat=True)[:BATCH]
+    )
+    for pk in pks:
+        enqueue_signing(pk)
+    return len(pks)
+
+
 @app.task(
     bind=True,
     acks_late=True,
