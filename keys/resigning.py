@@ -46,7 +46,7 @@ from keys.backends.base import BackendUnavailable, KeyBackendError
 from keys.models import Incident, KeyState, ResignBatch, ResignDecision, SigningKey
 from keys.registry import backend_for
 from signing_service import audit, bundle
-from signing_service.models import Signature, SignatureState, SigningRequest
+from signing_service.models import Signature, SignatureState
 from signing_service.policy import Authority, current_policy
 from signing_service.signing import (
     SigningRefused,
@@ -311,7 +311,7 @@ def resign_one(signature_id: Any, *, finish: bool = True) -> str:
     ``finish=False`` leaves the completion check to the caller (one per chunk, not per item).
     """
     sig = (
-        Signature.objects.select_related("resign_batch__new_key", "key")
+        Signature.objects.select_related("resign_batch__new_key", "key", "request")
         .filter(pk=signature_id)
         .first()
     )
@@ -387,7 +387,7 @@ class _Built:
 
 
 def _sign(sig: Signature, batch: ResignBatch) -> tuple[_Built, str]:
-    req = SigningRequest.objects.get(pk=sig.request_id)
+    req = sig.request
     if statement_digest(req) != req.statement_digest:
         raise _Permanent("the request's statement no longer matches its digest")
     key = batch.new_key
