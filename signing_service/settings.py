@@ -212,6 +212,9 @@ RECONCILE_AFTER_SECONDS = env_int("RECONCILE_AFTER_SECONDS", 120, minimum=0)
 #: A request this long in ``signing`` lost its worker: it goes back to ``approved``.
 #: Keep it well above CELERY_TASK_TIME_LIMIT so a live (slow) worker is never overtaken.
 STUCK_SIGNING_SECONDS = env_int("STUCK_SIGNING_SECONDS", 300, minimum=0)
+#: A running re-sign batch with no progress for this long is sent to the worker again.
+#: Keep it well above the resign_chunk time limit (150 s) so a live worker is not overtaken.
+RESIGN_STALL_SECONDS = env_int("RESIGN_STALL_SECONDS", 300, minimum=0)
 #: How often beat runs the key rotation job (keys.rotation): ceremonies, retirements, re-signs.
 ROTATION_CHECK_SECONDS = env_int("ROTATION_CHECK_SECONDS", 3600, minimum=60, maximum=86400)
 CELERY_BROKER_URL = env_secret("REDIS_URL") or "redis://127.0.0.1:6379/0"

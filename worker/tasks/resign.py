@@ -44,9 +44,6 @@ BEAT_SCHEDULE = {
 CHUNK = 50
 #: How long a chunk waits for its key backend to come back before the next try.
 BACKEND_RETRY_SECONDS = 30
-#: A running batch with no re-signature (and no re-send) for this long is sent again.
-#: Keep it well above the chunk's time limit so a live, slow worker is not overtaken.
-DEFAULT_STALL_SECONDS = 300
 
 
 def chunks(ids: list[int], size: int = CHUNK) -> Iterator[list[int]]:
@@ -102,7 +99,7 @@ def resign_chunk(self: Task, batch_id: str, signature_ids: list[int]) -> dict[st
 def sweep_resigning(stall_seconds: int | None = None) -> dict[str, int]:
     """Plan every key-based authority; complete, or send again, what running batches left."""
     if stall_seconds is None:
-        stall_seconds = getattr(settings, "RESIGN_STALL_SECONDS", DEFAULT_STALL_SECONDS)
+        stall_seconds = settings.RESIGN_STALL_SECONDS
     planned = 0
     for name, authority in current_policy().authorities.items():
         if authority.type == "key-based":
