@@ -9,6 +9,7 @@ class SigningServiceConfig(AppConfig):
     def ready(self) -> None:
         from django.core.signals import setting_changed
 
+        from signing_service.oidc_config import OidcConfigError, current_oidc_config
         from signing_service.policy import PolicyError, current_policy
 
         # An invalid policy must stop the service at start-up, not at the first request.
@@ -16,6 +17,10 @@ class SigningServiceConfig(AppConfig):
             current_policy()
         except PolicyError as exc:
             raise ImproperlyConfigured(f"signing policy is invalid: {exc}") from None
+        try:
+            current_oidc_config()
+        except OidcConfigError as exc:
+            raise ImproperlyConfigured(f"OIDC_CONFIG_FILE is invalid: {exc}") from None
         setting_changed.connect(_reset_policy)
 
 
@@ -24,3 +29,9 @@ def _reset_policy(*, setting: str, **kwargs: object) -> None:
         from signing_service.policy import current_policy
 
         current_policy.cache_clear()
+    if setting in ("SIGNING_POLICY_FILE", "OIDC_CONFIG_FILE"):
+        from signing_service import oidc
+        from signing_service.oidc_config import current_oidc_config
+
+        current_oidc_config.cache_clear()  # it names the policy's authorities
+        oidc.reset()

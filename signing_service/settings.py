@@ -166,6 +166,10 @@ MAX_REQUEST_BODY_BYTES = env_int("MAX_REQUEST_BODY_BYTES", 16 * 1024 * 1024, min
 MAX_RESOURCES = env_int("MAX_RESOURCES", 100_000, minimum=1)
 MAX_JSON_DEPTH = env_int("MAX_JSON_DEPTH", 16, minimum=4, maximum=64)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
+#: CI OIDC authentication (signing_service/oidc_config.py, docs/ci-oidc.md): a YAML file of
+#: trusted issuers, their audience and identity templates, and the authorities that refuse
+#: API tokens. Empty: OIDC is off and only API tokens authenticate.
+OIDC_CONFIG_FILE = env_str("OIDC_CONFIG_FILE", "")
 API_TOKEN_DEFAULT_DAYS = env_int("API_TOKEN_DEFAULT_DAYS", 90, minimum=1, maximum=3650)
 
 PKCS11_MODULE = env_str("PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")
@@ -219,6 +223,8 @@ RESIGN_STALL_SECONDS = env_int("RESIGN_STALL_SECONDS", 300, minimum=0)
 ROTATION_CHECK_SECONDS = env_int("ROTATION_CHECK_SECONDS", 3600, minimum=60, maximum=86400)
 CELERY_BROKER_URL = env_secret("REDIS_URL") or "redis://127.0.0.1:6379/0"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+#: Where spent OIDC token ids (jti) are kept until the tokens expire; the broker by default.
+OIDC_REDIS_URL = env_secret("OIDC_REDIS_URL") or CELERY_BROKER_URL
 # Redelivers a message whose worker died without acking it after this long (Redis has no
 # per-consumer ack); the reconciler catches such requests much sooner.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -250,7 +256,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["signing_service.api.auth.ApiTokenAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "signing_service.api.oidc.OidcAuthentication",
+        "signing_service.api.auth.ApiTokenAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PARSER_CLASSES": ["signing_service.api.parsers.StrictJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,7 +36,11 @@ from signing_service.models import (
     Signature,
     SigningRequest,
 )
+from signing_service.oidc_config import current_oidc_config
 from signing_service.policy import Authority, current_policy
+
+if TYPE_CHECKING:
+    from signing_service.oidc import OidcCredential
 
 
 class SigningRefused(Exception):
@@ -59,6 +63,8 @@ class Principal:
     authorities: frozenset[str]
     token: ApiToken | None = None
     actor: str = ""
+    #: Set when the caller authenticated with a verified CI OIDC ID token.
+    oidc: OidcCredential | None = None
     is_authenticated: bool = field(default=True, init=False)
 
 
@@ -148,6 +154,13 @@ def authorize(principal: Principal, environment: str) -> Authority:
             "unknown_environment",
             f"unknown environment {environment!r}; known: {known}",
             details={"field": "environment"},
+        )
+    if principal.oidc is None and environment in current_oidc_config().require_oidc:
+        raise SigningRefused(
+            "oidc_required",
+            f"{environment!r} accepts only CI OIDC ID tokens; API tokens are refused for it "
+            "(modelsign sign --oidc)",
+            status=403,
         )
     if environment not in principal.authorities:
         scope = ", ".join(sorted(principal.authorities)) or "none"
@@ -251,7 +264,8 @@ def _create(
         state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
         requester=principal.identity,
         actor=principal.actor or sub.ci.get("actor", ""),
-        ci=sub.ci,
+        # What the verified token says wins over what the job claims about itself.
+        ci=sub.ci | dict(principal.oidc.ci) if principal.oidc else sub.ci,
         api_token=principal.token,
         idempotency_key=key,
         body_digest=digest,
@@ -278,9 +292,17 @@ def _create(
                 "resources": len(sub.resources),
                 "token": principal.token.token_id if principal.token else None,
                 "state": req.state,
-            },
+            }
+            | _oidc_audit(principal),
         )
     return req
+
+
+def _oidc_audit(principal: Principal) -> dict[str, Any]:
+    if principal.oidc is None:
+        return {}
+    cred = principal.oidc
+    return {"oidc": {"issuer": cred.issuer, "subject": cred.subject, "jti": cred.jti}}
 
 
 # --- sign ------------------------------------------------------------------------------

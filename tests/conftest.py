@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.fixtures_service",
     "tests.fixtures_browser",
     "tests.redis_fixtures",
+    "tests.oidc_issuer",
 ]

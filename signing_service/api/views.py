@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from keys.models import SigningKey
 from signing_service.api.auth import ApiTokenAuthentication
 from signing_service.api.errors import error_body
+from signing_service.api.oidc import OidcAuthentication
 from signing_service.api.serializers import (
     ApprovalCreateSerializer,
     OciSigningRequestCreateSerializer,
@@ -217,7 +218,11 @@ class TrustDocumentView(PublicView):
 class SignatureListView(APIView):
     """Issued signatures, newest first, for runbooks, audits and pipelines."""
 
-    authentication_classes = [ApiTokenAuthentication, authentication.SessionAuthentication]
+    authentication_classes = [
+        OidcAuthentication,
+        ApiTokenAuthentication,
+        authentication.SessionAuthentication,
+    ]
     FILTERS = ("model", "version", "state")
 
     @extend_schema(
@@ -248,7 +253,11 @@ class SignatureListView(APIView):
 
 
 class SignatureBundleView(APIView):
-    authentication_classes = [ApiTokenAuthentication, authentication.SessionAuthentication]
+    authentication_classes = [
+        OidcAuthentication,
+        ApiTokenAuthentication,
+        authentication.SessionAuthentication,
+    ]
 
     @extend_schema(responses={(200, BUNDLE_MEDIA_TYPE): OpenApiResponse(description="bundle")})
     def get(self, request: Request, pk: int) -> HttpResponse:
