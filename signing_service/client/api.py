@@ -63,12 +63,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class ServiceClient:
-    """Talks to one signing service. ``token`` is optional for public endpoints."""
+    """Talks to one signing service. ``token`` is optional for public endpoints; it may be
+    a callable (asked before every request) for CI ID tokens that must be renewed."""
 
     def __init__(
         self,
         server_url: str,
-        token: str | None = None,
+        token: str | Callable[[], str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
@@ -153,8 +154,9 @@ class ServiceClient:
         accept: str = "application/json",
     ) -> bytes:
         all_headers = {"Accept": accept, "User-Agent": USER_AGENT, **(headers or {})}
-        if self._token:
-            all_headers["Authorization"] = f"Bearer {self._token}"
+        token = self._token() if callable(self._token) else self._token
+        if token:
+            all_headers["Authorization"] = f"Bearer {token}"
         attempt = 0
         while True:
             # S310: url() allows only this server's http(s) origin.

@@ -134,6 +134,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("signing_service.client.api", "ClientError"),
         ("signing_service.bundle", "BundleError"),
         ("signing_service.client.trust", "TrustError"),
+        ("signing_service.client.ci_oidc", "CiTokenError"),
     ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
@@ -195,7 +196,24 @@ def _token(args: argparse.Namespace) -> str:
     return token
 
 
-def _client(server: str, token: str | None) -> ServiceClient:
+def _credential(args: argparse.Namespace) -> str | Callable[[], str]:
+    """The API token, or with --oidc the CI job's ID token source (see client/ci_oidc.py)."""
+    if not getattr(args, "oidc", False):
+        if args.oidc_audience or args.oidc_token_file:
+            raise CliError("--oidc-audience and --oidc-token-file need --oidc")
+        return _token(args)
+    from signing_service.client import ci_oidc
+
+    audience = args.oidc_audience or os.environ.get("MODELSIGN_OIDC_AUDIENCE") or args.server
+    return ci_oidc.token_source(
+        audience=audience.rstrip("/"),
+        env=os.environ,
+        token_env=args.oidc_token_env,
+        token_file=args.oidc_token_file,
+    )
+
+
+def _client(server: str, token: str | Callable[[], str] | None) -> ServiceClient:
     from urllib.parse import urlsplit
 
     from signing_service.client.api import ServiceClient
@@ -203,7 +221,8 @@ def _client(server: str, token: str | None) -> ServiceClient:
     client = ServiceClient(server, token)
     parts = urlsplit(client.base)
     if token and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
-        _warn(f"sending the API token to {client.base} over plain HTTP; use https://")
+        what = "the API token" if isinstance(token, str) else "the CI ID token"
+        _warn(f"sending {what} to {client.base} over plain HTTP; use https://")
     return client
 
 
@@ -360,8 +379,7 @@ def _finish(
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    token = _token(args)
-    client = _client(args.server, token)
+    client = _client(args.server, _credential(args))
     model, out = Path(args.path), Path(args.out)
     if not out.parent.is_dir():  # find out now, not after the service has signed
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
@@ -406,7 +424,7 @@ def cmd_sign_oci(args: argparse.Namespace) -> int:
     """Sign an OCI model image from its manifest alone: no layer is pulled or hashed."""
     from signing_service.client.api import OCI_SIGNING_REQUESTS_PATH
 
-    client = _client(args.server, _token(args))
+    client = _client(args.server, _credential(args))
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
@@ -932,6 +950,23 @@ def _sign_options(p: argparse.ArgumentParser) -> None:
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", help="API token (prefer MODELSIGN_TOKEN or --token-file)")
     token.add_argument("--token-file", help="file holding the API token")
+    token.add_argument(
+        "--oidc",
+        action="store_true",
+        help="authenticate with the CI job's OIDC ID token instead of an API token "
+        "(GitHub Actions: id-token: write; GitLab: id_tokens)",
+    )
+    p.add_argument(
+        "--oidc-audience",
+        help="--oidc on GitHub: the audience to ask for "
+        "(default: $MODELSIGN_OIDC_AUDIENCE, else the --server URL)",
+    )
+    p.add_argument(
+        "--oidc-token-env",
+        default="MODELSIGN_ID_TOKEN",
+        help="--oidc: the variable holding the ID token (GitLab id_tokens; default: %(default)s)",
+    )
+    p.add_argument("--oidc-token-file", help="--oidc: a file holding the ID token")
     p.add_argument(
         "--identity-token-file",
         help="keyless authorities: file with the job's OIDC identity token for Sigstore "
