@@ -292,6 +292,19 @@ def verify_bundle(
     return _parse_statement(payload, hint)
 
 
+def unsafe_read_statement(data: bytes | str | Mapping[str, Any]) -> VerifiedStatement:
+    """The bundle's statement, checked like :func:`verify_bundle` except that the signature
+    is NOT checked: for describing a bundle (``modelsign bom``), never for trusting one."""
+    try:
+        bundle = parse_bundle(data)
+    except BundleError as exc:
+        raise VerificationError(str(exc)) from None
+    env = bundle["dsseEnvelope"]
+    if env.get("payloadType") != PAYLOAD_TYPE:
+        raise VerificationError(f"DSSE payloadType must be {PAYLOAD_TYPE!r}")
+    return _parse_statement(_unb64(env.get("payload"), "payload"), bundle_hint(bundle))
+
+
 def _parse_statement(payload: bytes, hint: str | None) -> VerifiedStatement:
     try:
         st = json.loads(payload)

@@ -135,6 +135,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("signing_service.bundle", "BundleError"),
         ("signing_service.client.trust", "TrustError"),
         ("signing_service.client.ci_oidc", "CiTokenError"),
+        ("signing_service.client.bom", "BomError"),
     ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
@@ -667,6 +668,71 @@ def _print_verdict(verdict: gate.Verdict, as_json: bool) -> None:
         print(f"REJECT for {verdict.deployment}: {failed} check(s) failed")
 
 
+# --- bom -------------------------------------------------------------------------------
+
+
+def _read_input(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {option} {path}: {exc.strerror}") from None
+
+
+def _bom_statement(data: bytes, args: argparse.Namespace) -> tuple[VerifiedStatement, str]:
+    """The bundle's statement, and how its signature was checked (see bom.Signature.check)."""
+    from signing_service import bundle
+
+    if args.public_key:
+        statement = _statement_from_key(data, args.public_key)
+        return statement, f"verified with public key sha256:{statement.hint or '-'}"
+    if args.trust:
+        statement = _statement_from_trust(data, args)
+        version = _read_trust(args.trust, "--trust").version
+        return statement, f"verified with trust document version {version}"
+    try:
+        statement = bundle.unsafe_read_statement(data)
+    except bundle.VerificationError as exc:
+        raise CliError(f"--signature {args.signature}: {exc}") from None
+    _warn("the bundle's signature is not checked; give --public-key or --trust to check it")
+    return statement, "not checked"
+
+
+def cmd_bom(args: argparse.Namespace) -> int:
+    """A CycloneDX 1.6 ML-BOM of a model, refused unless its files match the signature."""
+    from signing_service.client import bom
+
+    model = Path(args.path)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise CliError(f"-o {out}: directory {out.parent} does not exist")
+    data = _read_input(args.signature, "--signature")
+    statement, check = _bom_statement(data, args)
+    signature = bom.read_signature(data, Path(args.signature).name, statement, check)
+    provenance = None
+    if args.provenance:
+        raw = _read_input(args.provenance, "--provenance")
+        provenance = bom.read_provenance(raw, Path(args.provenance).name)
+        bom.check_provenance(provenance, statement.root_digest)  # before an hour of hashing
+    extra = _user_ignore_paths(model, args.ignore_paths)
+    for own in (args.signature, args.provenance, args.out):  # our own files are not the model
+        if own and (rel := _inside_model(model, Path(own))) is not None:
+            extra.append(rel)
+    problems = model_problems(model, statement, extra, quiet=args.quiet, workers=args.workers)
+    for problem in problems:
+        print(f"modelsign: {problem}", file=sys.stderr)
+    if problems:
+        raise CliError(
+            f"{model} does not match the signature ({len(problems)} problem(s)); no BOM written"
+        )
+    text = bom.render(bom.build_bom(signature, provenance))
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        _write_atomic(out, text.encode("utf-8"))
+        _info(f"wrote {out}: {len(statement.resources)} files, {check}", args.quiet)
+    return EXIT_OK
+
+
 # --- public-key ------------------------------------------------------------------------
 
 
@@ -831,13 +897,15 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_sign_oci,
         ),
         ("verify-oci", "check a bundle against an OCI image manifest", cmd_verify_oci),
+        ("bom", "write a CycloneDX ML-BOM of a signed model (its files re-hashed)", cmd_bom),
         ("trust", "fetch the service's signed trust document", _trust_usage),
     ]
     parsers = {name: sub.add_parser(name, help=text) for name, text, _ in commands}
     for name, _, func in commands:
         parsers[name].set_defaults(func=func)
-    for name in ("hash", "sign", "verify"):
+    for name in ("hash", "sign", "verify", "bom"):
         _hashing_options(parsers[name])
+    _bom_options(parsers["bom"])
     parsers["hash"].add_argument(
         "--cache", action="store_true",
         help="reuse digests of files whose size, mtime and inode are unchanged since the last --cache run",
@@ -905,6 +973,16 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
         type=when,
         help="with --trust: judge key windows at this ISO 8601 time (UTC if no offset; default now)",
     )
+
+
+def _bom_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--signature", required=True, help="the model's bundle (model.sig)")
+    p.add_argument("--provenance", help="SLSA v1 provenance of the model, as a Sigstore bundle")
+    p.add_argument("-o", "--out", help="write the BOM here (default: stdout)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--public-key", help="also check the bundle's signature with this PEM key")
+    key.add_argument("--trust", help="also check the bundle's signature with this trust document")
+    p.set_defaults(at=None)  # --trust judges key windows now
 
 
 def _trust_usage(args: argparse.Namespace) -> int:
