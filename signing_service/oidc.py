@@ -209,6 +209,10 @@ def _verify_signature(token: str, key: Any, alg: str, issuer: IssuerConfig) -> d
         decoded = jws.decode_complete(
             token, key=key, algorithms=[alg], options={"enforce_minimum_key_length": True}
         )
+    except jwt.InvalidKeyError as exc:  # e.g. an RSA key under 2048 bits
+        raise OidcRefused(
+            "oidc_algorithm_refused", f"{issuer.name}'s key is refused: {exc}"
+        ) from None
     except jwt.InvalidSignatureError:
         raise OidcRefused(
             "oidc_bad_signature", f"the signature does not verify with {issuer.name}'s key"

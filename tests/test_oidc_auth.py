@@ -235,6 +235,16 @@ def test_a_signature_by_another_key_is_refused(api: Any, service: OidcService) -
     refused(post(api, token), 401, "oidc_bad_signature")
 
 
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # signing it
+def test_a_short_rsa_key_is_refused(api: Any, service: OidcService) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the point
+    service.github.keys = IssuerKeys(rsa=weak)
+    message = refused(post(api, service.github_token()), 401, "oidc_algorithm_refused")
+    assert "1024 bits" in message
+
+
 def test_an_unknown_kid_is_refused(api: Any, service: OidcService) -> None:
     token = service.github.token(service.github_claims(), kid="not-there")
     message = refused(post(api, token), 401, "oidc_unknown_key")

@@ -116,3 +116,39 @@ def test_a_bad_file_stops_the_service_at_start_up(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "OIDC_CONFIG_FILE is invalid: oidc.issuers.github.audience: is required" in result.stderr
+
+
+# --- the shipped examples agree with each other ----------------------------------------
+
+
+def test_the_example_config_fits_the_example_policy_and_ci_files() -> None:
+    from signing_service.oidc import render_identity
+    from signing_service.oidc_config import load_oidc_config
+    from signing_service.policy import load_policy
+
+    policy = load_policy(ROOT / "deploy" / "policy.example.yaml")
+    config = load_oidc_config(ROOT / "deploy" / "oidc.example.yaml", policy)
+    github_cfg = config.issuer("https://token.actions.githubusercontent.com")
+    gitlab_cfg = config.issuer("https://gitlab.example.com")
+    assert github_cfg is not None and gitlab_cfg is not None
+    assert config.require_oidc == frozenset({"production"})
+
+    workflow = yaml.safe_load((ROOT / "deploy" / "ci" / "github-actions.yml").read_text())
+    job = workflow["jobs"]["sign"]
+    assert job["permissions"]["id-token"] == "write"
+    sign = next(s["run"] for s in job["steps"] if s.get("name") == "Sign the model")
+    assert "--oidc " in sign and f"--environment {job['environment']}" in sign
+    assert job["env"]["SIGNING_URL"] == github_cfg.audience
+    claims = {"repository": "acme/models", "environment": job["environment"]}
+    staging = policy.authorities["staging"]
+    assert staging.allows_signer(render_identity(github_cfg, claims))
+
+    gitlab_job = yaml.safe_load((ROOT / "deploy" / "ci" / "gitlab-ci.yml").read_text())[
+        "sign-model"
+    ]
+    assert gitlab_job["id_tokens"]["MODELSIGN_ID_TOKEN"]["aud"] == gitlab_cfg.audience
+    assert any(
+        "--oidc" in line and "--environment staging" in line for line in gitlab_job["script"]
+    )
+    claims = {"project_path": "ml/models", "ref_type": "branch", "ref": "main"}
+    assert staging.allows_signer(render_identity(gitlab_cfg, claims))
