@@ -30,6 +30,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 import unicodedata
@@ -182,7 +183,7 @@ def _json_part(part: str, what: str) -> dict[str, Any]:
 
 def _check_header(header: Mapping[str, Any]) -> tuple[str, str]:
     alg = header.get("alg")
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
         raise OidcRefused(
             "oidc_algorithm_refused", f"alg {_show(alg)} is refused; only RS256 and ES256"
         )
@@ -253,7 +254,7 @@ def _check_times(claims: Mapping[str, Any], issuer: IssuerConfig, leeway: int, n
 
 def _number(claims: Mapping[str, Any], name: str) -> float:
     value = claims.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise OidcRefused("oidc_claim_missing", f"the token has no numeric {name!r} claim")
     return float(value)
 

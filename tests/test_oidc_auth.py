@@ -20,7 +20,7 @@ from signing_service import oidc
 from signing_service.models import AuditEntry, Signature, SigningRequest
 from signing_service.signing import SigningRefused
 from tests.fixtures_service import authed, request_body
-from tests.oidc_issuer import AUDIENCE, IssuerKeys, OidcService
+from tests.oidc_issuer import AUDIENCE, IssuerKeys, OidcService, b64json, b64url
 from tests.redis_fixtures import free_port
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.django_db]
@@ -225,6 +225,33 @@ def test_headers_that_choose_a_key_are_refused(
     token = service.github.token(service.github_claims(), headers=header)
     message = refused(post(api, token), 401, "oidc_header_refused")
     assert repr(next(iter(header))) in message
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (
+            lambda i, c: f"{b64json({'alg': ['RS256'], 'kid': 'k'})}.{b64json(c)}.c2ln",
+            "oidc_algorithm_refused",
+        ),
+        (lambda i, c: f"{b64url(b'not json')}.{b64json(c)}.c2ln", "oidc_malformed"),
+        (
+            lambda i, c: f"{b64json({'alg': 'RS256', 'kid': 'k'})}.{b64json([c])}.c2ln",
+            "oidc_malformed",
+        ),
+        (
+            lambda i, c: f"{b64json({'alg': 'RS256', 'kid': ['k']})}.{b64json(c)}.c2ln",
+            "oidc_header_refused",
+        ),
+        (lambda i, c: i.token({**c, "exp": float("nan")}), "oidc_claim_missing"),
+    ],
+    ids=["alg-list", "header-not-json", "payload-array", "kid-list", "exp-nan"],
+)
+def test_malformed_tokens_get_401_not_500(
+    api: Any, service: OidcService, make: Any, code: str
+) -> None:
+    token = make(service.github, service.github_claims())
+    refused(post(api, token), 401, code)
 
 
 def test_a_signature_by_another_key_is_refused(api: Any, service: OidcService) -> None:
