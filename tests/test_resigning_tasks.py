@@ -10,6 +10,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from keys import registry
 from keys.models import ResignBatch
 from signing_service.models import AuditEntry
 from tests.resigning_helpers import backdate, bulk_signed, rotate
@@ -82,6 +83,12 @@ def test_the_sweep_sends_a_stalled_batch_again_once_per_stall(
     sent.clear()
     assert tasks.sweep_resigning(stall_seconds=300) == {"planned": 0, "completed": 0, "resent": 0}
     assert sent == []
+    module = settings.PKCS11_MODULE
+    settings.PKCS11_MODULE = "/nonexistent/libsofthsm2.so"  # the HSM is unreachable
+    registry.reset()
+    assert tasks.sweep_resigning(stall_seconds=0)["resent"] == 0  # it would only wait
+    settings.PKCS11_MODULE = module
+    registry.reset()
     assert tasks.sweep_resigning(stall_seconds=0)["resent"] == 7
     assert len(sent) == 1 and len(sent[0][1]) == 7
     assert AuditEntry.objects.filter(action="resign_batch.resent").count() == 1

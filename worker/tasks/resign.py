@@ -21,7 +21,9 @@ from django.db.models import Max
 from django.utils import timezone
 
 from keys import resigning
+from keys.backends.base import KeyBackendError
 from keys.models import ResignBatch
+from keys.registry import backend_for
 from signing_service import audit
 from signing_service.models import AuditEntry, Signature
 from signing_service.policy import current_policy
@@ -111,7 +113,7 @@ def sweep_resigning(stall_seconds: int | None = None) -> dict[str, int]:
     ):
         if resigning.finish_if_done(pk):
             completed += 1
-        elif _stalled(pk, cutoff):
+        elif _stalled(pk, cutoff) and not _backend_down(pk):
             resent += _send_again(pk)
     if planned or completed or resent:
         log.info("re-sign sweep: %d planned, %d completed, %d re-sent", planned, completed, resent)
@@ -130,6 +132,19 @@ def _stalled(batch_id: Any, cutoff: datetime) -> bool:
         .first(),
     ]
     return max(m for m in moments if m is not None) < cutoff
+
+
+def _backend_down(batch_id: Any) -> str:
+    """Why the batch's new key cannot sign now, or "": no re-send while its backend is down
+    (every chunk would only wait and retry; the next sweep tries again)."""
+    key = ResignBatch.objects.select_related("new_key").get(pk=batch_id).new_key
+    try:
+        health = backend_for(key).health()
+    except KeyBackendError as exc:
+        return str(exc)
+    if not health.ok:
+        log.warning("re-sign batch %s waits for the %s backend: %s", batch_id, key, health.detail)
+    return "" if health.ok else health.detail
 
 
 def _send_again(batch_id: Any) -> int:
