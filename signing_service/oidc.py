@@ -396,7 +396,7 @@ class _Keys:
 class JwksCache:
     """Each issuer's JWKS, fetched from the issuer's own origin, kept ``jwks_cache_seconds``.
 
-    One lock per process: fetches are minutes apart, and holding the lock while one runs
+    One lock per issuer: fetches are minutes apart, and holding the lock while one runs
     turns a burst of tokens with an unknown ``kid`` into a single fetch. A failed fetch is
     not retried for ``jwks_refresh_min_seconds`` (requests fail fast meanwhile), and stale
     keys are never used after a failure: an issuer that drops a key must be obeyed.
@@ -405,16 +405,21 @@ class JwksCache:
     def __init__(self) -> None:
         self._entries: dict[str, _Keys] = {}
         self._failures: dict[str, tuple[float, OidcError]] = {}
-        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     def clear(self) -> None:
-        with self._lock:
+        with self._guard:
             self._entries.clear()
             self._failures.clear()
 
+    def _lock(self, issuer: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(issuer, threading.Lock())
+
     def key(self, issuer: IssuerConfig, kid: str, alg: str, config: OidcConfig) -> Any:
         """The PyJWK for ``kid``, checked against ``alg``; refreshes once on an unknown kid."""
-        with self._lock:
+        with self._lock(issuer.issuer):
             entry = self._entries.get(issuer.issuer)
             age = _clock() - entry.fetched_at if entry else float("inf")
             stale = age > config.jwks_cache_seconds

@@ -446,6 +446,24 @@ def test_issuer_keys_are_cached_and_refreshed_once_for_a_new_kid(
     assert hits[jwks] == 2
 
 
+def test_an_unreachable_issuer_is_a_503_retried_at_most_once_a_minute(
+    api: Any, service: OidcService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [5000.0]
+    monkeypatch.setattr(oidc, "_clock", lambda: clock[0])
+    discovery = "/github/.well-known/openid-configuration"
+    github = service.issuers.issuers.pop("github")  # the issuer answers 404 now
+    for _ in range(2):
+        message = refused(post(api, service.github_token()), 503, "oidc_jwks_unavailable")
+        assert "HTTP 404" in message
+    assert service.issuers.hits[discovery] == 1
+
+    service.issuers.issuers["github"] = github
+    clock[0] += 61
+    assert post(api, service.github_token()).status_code == 201
+    assert service.issuers.hits[discovery] == 2
+
+
 # --- refusals are logged, tokens are not -----------------------------------------------
 
 
