@@ -47,10 +47,16 @@ class Authority:
     authorized_signers: tuple[str, ...]
     requires_approval: bool
     approval_count: int
+    #: Globs on SLSA builder ids whose provenance this authority signs; empty: none.
+    provenance_builders: tuple[str, ...] = ()
 
     def allows_signer(self, identity: str) -> bool:
         """Shell-style globs, case-sensitive, matched against the whole identity."""
         return any(fnmatchcase(identity, pattern) for pattern in self.authorized_signers)
+
+    def allows_builder(self, builder_id: str) -> bool:
+        """Shell-style globs, case-sensitive, matched against the whole SLSA builder id."""
+        return any(fnmatchcase(builder_id, pattern) for pattern in self.provenance_builders)
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ def _key_based(name: str, node: object, where: str) -> Authority:
             "authorized_signers",
             "requires_approval",
         },
-        optional={"key_rotation", "approval_count"},
+        optional={"key_rotation", "approval_count", "provenance_builders"},
     )
     storage = body["key_storage"]
     if storage not in KEY_STORAGE_BACKENDS:
@@ -178,6 +184,7 @@ def _key_based(name: str, node: object, where: str) -> Authority:
         authorized_signers=_patterns(body["authorized_signers"], f"{where}.authorized_signers"),
         requires_approval=requires_approval,
         approval_count=_approval_count(body, requires_approval, where),
+        provenance_builders=_builders(body.get("provenance_builders"), where),
     )
 
 
@@ -186,8 +193,13 @@ def _keyless(name: str, node: object, where: str) -> Authority:
         node,
         where,
         required={"type", "provider", "allowed_identities", "requires_approval"},
-        optional={"identity_provider", "approval_count"},
+        optional={"identity_provider", "approval_count", "provenance_builders"},
     )
+    if "provenance_builders" in body:
+        raise PolicyError(
+            f"{where}.provenance_builders",
+            "keyless authorities do not sign provenance; use a key-based authority",
+        )
     if body["provider"] != "sigstore":
         raise PolicyError(f"{where}.provider", f"must be sigstore, got {body['provider']!r}")
     if "identity_provider" in body:
@@ -329,6 +341,20 @@ def _patterns(value: object, where: str) -> tuple[str, ...]:
     for i, pattern in enumerate(patterns):
         if pattern.strip("*?") == "":
             raise PolicyError(f"{where}[{i}]", f"{pattern!r} would match every identity")
+    return tuple(patterns)
+
+
+def _builders(value: object, where: str) -> tuple[str, ...]:
+    """Optional: absent means the authority refuses provenance; present must not be empty."""
+    if value is None:
+        return ()
+    where = f"{where}.provenance_builders"
+    patterns = _string_list(value, where)
+    if not patterns:
+        raise PolicyError(where, "must list at least one builder id or pattern (or be left out)")
+    for i, pattern in enumerate(patterns):
+        if pattern.strip("*?") == "":
+            raise PolicyError(f"{where}[{i}]", f"{pattern!r} would match every builder")
     return tuple(patterns)
 
 
