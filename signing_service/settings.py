@@ -71,6 +71,7 @@ INSTALLED_APPS = [
     "signing_service.apps.SigningServiceConfig",
     "keys.apps.KeysConfig",
     "approvals.apps.ApprovalsConfig",
+    "provenance.apps.ProvenanceConfig",
 ]
 
 MIDDLEWARE = [
@@ -165,6 +166,8 @@ SIGNING_POLICY_FILE = env_path("SIGNING_POLICY_FILE", BASE_DIR / "deploy" / "loc
 MAX_REQUEST_BODY_BYTES = env_int("MAX_REQUEST_BODY_BYTES", 16 * 1024 * 1024, minimum=1024)
 MAX_RESOURCES = env_int("MAX_RESOURCES", 100_000, minimum=1)
 MAX_JSON_DEPTH = env_int("MAX_JSON_DEPTH", 16, minimum=4, maximum=64)
+#: Largest SLSA provenance statement a signing request may carry (canonical JSON bytes).
+MAX_PROVENANCE_BYTES = env_int("MAX_PROVENANCE_BYTES", 256 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BODY_BYTES
 #: CI OIDC authentication (signing_service/oidc_config.py, docs/ci-oidc.md): a YAML file of
 #: trusted issuers, their audience and identity templates, and the authorities that refuse

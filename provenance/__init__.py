@@ -1,0 +1,1 @@
+"""SLSA provenance that travels with a signing request, and its signature (issue 6)."""
