@@ -222,6 +222,17 @@ def test_a_service_signed_model_gets_a_valid_bom_with_its_signature(
         meta["signed_at"]
     )
 
+    # The same model, its signature checked with the service's trust document instead.
+    from signing_service.trust import current_document
+
+    trust = current_document()
+    (tmp_path / "trust.json").write_text(trust.envelope)
+    argv = [str(model), "--signature", str(sig), "--trust", str(tmp_path / "trust.json")]
+    rc, stdout, err = bom_of(*argv, "--quiet", capsys=capsys)
+    assert rc == 0, err
+    checked = props(model_component(validate(stdout)))["modelsign:signature_check"]
+    assert checked == [f"verified with trust document version {trust.version}"]
+
 
 # --- contents, determinism -------------------------------------------------------------
 
