@@ -37,6 +37,7 @@ MAX_RESPONSE_BYTES = 64 << 20
 SIGNING_REQUESTS_PATH = "api/v1/signing-requests/"
 OCI_SIGNING_REQUESTS_PATH = "api/v1/oci-signing-requests/"
 KEYS_PATH = "api/v1/keys/"
+VERIFY_PATH = "api/v1/verify/"
 BUNDLE_ACCEPT = "application/vnd.dev.sigstore.bundle.v0.3+json, application/json"
 
 
@@ -118,6 +119,14 @@ class ServiceClient:
     def bundle(self, url: str) -> bytes:
         """GET a signature bundle, as the exact bytes the server sent."""
         return self._request("GET", self.url(url), accept=BUNDLE_ACCEPT)
+
+    def verify(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST to the deployment gate; returns the verdict ``{verdict, deployment, mode,
+        checks}``. Retried like any request: verifying twice changes nothing."""
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        raw = self._request("POST", self.url(VERIFY_PATH), data=data, headers=headers)
+        return _json_object(raw, "verify")
 
     def keys(self) -> list[dict[str, Any]]:
         """Every public key the server publishes (follows pagination)."""
