@@ -28,8 +28,9 @@ from django.utils import timezone
 from keys.backends.base import BackendUnavailable, KeyBackend, KeyBackendError
 from keys.models import SigningKey
 from keys.registry import backend_for
+from provenance.models import ProvenanceRecord, mark_without_provenance, provenance_of
 from signing_service import audit, bundle
-from signing_service.manifest import Resource
+from signing_service.manifest import Resource, root_digest, sort_resources
 from signing_service.models import (
     ApiToken,
     RequestState,
@@ -38,6 +39,7 @@ from signing_service.models import (
 )
 from signing_service.oidc_config import current_oidc_config
 from signing_service.policy import Authority, current_policy
+from signing_service.slsa import Provenance
 
 if TYPE_CHECKING:
     from signing_service.oidc import OidcCredential
@@ -78,18 +80,24 @@ class Submission:
     ci: dict[str, str]
     #: Keyless only: the caller's OIDC identity token for Fulcio. Used once, never stored.
     identity_token: str | None = field(default=None, repr=False)
+    #: The model's SLSA provenance, shape-checked; checked against the policy in submit().
+    provenance: Provenance | None = field(default=None, repr=False)
 
 
 # --- statements ------------------------------------------------------------------------
 
 
 def _base_metadata(req: SigningRequest) -> dict[str, Any]:
-    return {
+    meta: dict[str, Any] = {
         "request_id": str(req.id),
         "authority": req.authority,
         "model_version": req.model_version,
         "requester": req.requester,
     }
+    # Part of the approved digest: an approval covers the provenance it was shown.
+    if (record := provenance_of(req)) is not None:
+        meta["provenance"] = record.predicate_summary()
+    return meta
 
 
 def base_statement(req: SigningRequest) -> dict[str, Any]:
@@ -138,6 +146,8 @@ def body_digest(sub: Submission) -> str:
         "ignore_paths": sorted(sub.ignore_paths),
         "ci": sub.ci,
     }
+    if sub.provenance is not None:  # absent otherwise: older requests keep their digest
+        canonical["provenance"] = sub.provenance.digest
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
@@ -211,6 +221,8 @@ def submit(
 ) -> tuple[SigningRequest, bool]:
     """Create (or, for a retried Idempotency-Key, return) a request. Returns (request, created)."""
     authority = authorize(principal, sub.environment)
+    if sub.provenance is not None:
+        check_provenance(authority, sub.provenance, sub.resources)
     if authority.backend == "sigstore":
         check_keyless_identity(authority, sub.identity_token)
     digest = body_digest(sub)
@@ -232,6 +244,41 @@ def submit(
         else:
             req = sign_or_enqueue(req.pk)
     return req, True
+
+
+def check_provenance(authority: Authority, checked: Provenance, resources: list[Resource]) -> None:
+    """The provenance is for exactly this model and from a builder the authority allows."""
+    details = {"field": "provenance"}
+    if authority.backend == "sigstore":
+        raise SigningRefused(
+            "provenance_not_accepted",
+            f"{authority.name!r} signs keyless and does not sign provenance; "
+            "send provenance to a key-based authority",
+            details=details,
+        )
+    if not authority.provenance_builders:
+        raise SigningRefused(
+            "provenance_not_accepted",
+            f"{authority.name!r} accepts no provenance: add provenance_builders "
+            "(globs on the SLSA builder id) to the authority in the policy file",
+            details=details,
+        )
+    # The same root digest the model's statement will carry as its subject.
+    root = root_digest(sort_resources(resources))
+    if checked.subject_digest != root:
+        raise SigningRefused(
+            "provenance_mismatch",
+            f"provenance.subject[0].digest.sha256 is {checked.subject_digest} but the "
+            f"request's resources have the root digest {root}: the provenance is for other content",
+            details=details,
+        )
+    if not authority.allows_builder(checked.builder_id):
+        raise SigningRefused(
+            "builder_not_allowed",
+            f"provenance builder {checked.builder_id!r} is not in provenance_builders "
+            f"of {authority.name!r}",
+            details={"field": "provenance.predicate.runDetails.builder.id"},
+        )
 
 
 def _replay(principal: Principal, key: str, digest: str) -> SigningRequest | None:
@@ -277,9 +324,16 @@ def _create(
     req.root_digest = bundle.build_statement(sub.model, sub.resources)["subject"][0]["digest"][
         "sha256"
     ]
+    record = None
+    if sub.provenance is not None:
+        record = ProvenanceRecord.for_submission(req, sub.provenance)
+    else:
+        mark_without_provenance(req)
     req.statement_digest = statement_digest(req)
     with transaction.atomic():
         req.save(force_insert=True)
+        if record is not None:
+            record.save(force_insert=True)
         audit.record(
             principal.identity,
             "signing_request.created",
@@ -293,9 +347,21 @@ def _create(
                 "token": principal.token.token_id if principal.token else None,
                 "state": req.state,
             }
-            | _oidc_audit(principal),
+            | _oidc_audit(principal)
+            | _provenance_audit(record),
         )
     return req
+
+
+def _provenance_audit(record: ProvenanceRecord | None) -> dict[str, Any]:
+    if record is None:
+        return {}
+    return {
+        "provenance": {
+            "statement_digest": record.statement_digest,
+            "builder_id": record.builder_id,
+        }
+    }
 
 
 def _oidc_audit(principal: Principal) -> dict[str, Any]:
@@ -318,7 +384,7 @@ def sign_or_enqueue(request_id: Any) -> SigningRequest:
     from worker.tasks.signing import enqueue_signing  # only worker mode imports Celery
 
     enqueue_signing(request_id)
-    return SigningRequest.objects.get(pk=request_id)
+    return SigningRequest.objects.select_related("provenance").get(pk=request_id)
 
 
 def sign(request_id: Any) -> SigningRequest:
@@ -326,7 +392,7 @@ def sign(request_id: Any) -> SigningRequest:
     claimed = SigningRequest.objects.filter(pk=request_id, state=RequestState.APPROVED).update(
         state=RequestState.SIGNING, updated_at=timezone.now()
     )
-    req = SigningRequest.objects.get(pk=request_id)
+    req = SigningRequest.objects.select_related("provenance").get(pk=request_id)
     if not claimed:
         return req  # someone else claimed it, or it is not approved
     try:
@@ -337,6 +403,7 @@ def sign(request_id: Any) -> SigningRequest:
         payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
         der = backend.sign(key.key_ref, bundle.pae(payload))
         _check_signature(key, payload, der)
+        provenance = _sign_provenance(req, key, backend)
     except NoActiveKey as exc:
         return _wait(req, str(exc))
     except BackendUnavailable as exc:
@@ -344,7 +411,7 @@ def sign(request_id: Any) -> SigningRequest:
         return _wait(req, f"the {req.authority} key backend is unavailable: {exc}")
     except (SigningRefused, KeyBackendError) as exc:
         return _fail(req, str(exc))
-    return _store(req, key, payload, der)
+    return _store(req, key, payload, der, provenance)
 
 
 def sign_keyless(request_id: Any, authority: Authority, identity_token: str) -> SigningRequest:
@@ -447,7 +514,24 @@ def _check_signature(key: SigningKey, payload: bytes, der: bytes) -> None:
         ) from None
 
 
-def _store(req: SigningRequest, key: SigningKey, payload: bytes, der: bytes) -> SigningRequest:
+def _sign_provenance(
+    req: SigningRequest, key: SigningKey, backend: KeyBackend
+) -> tuple[bytes, bytes] | None:
+    """Sign the request's provenance (if any) with the model's key: (payload, DER signature)."""
+    record = provenance_of(req)
+    if record is None:
+        return None
+    payload = record.payload
+    if bundle.payload_digest(payload) != record.statement_digest:
+        raise SigningRefused(
+            "digest_mismatch", "the request's provenance no longer matches its digest"
+        )
+    der = backend.sign(key.key_ref, bundle.pae(payload))
+    _check_signature(key, payload, der)
+    return payload, der
+
+
+def _bundle_json(key: SigningKey, payload: bytes, der: bytes) -> str:
     if key.certificate_chain_pem:
         # A key with an org CA certificate ships its chain (leaf first) so verifiers can
         # trust it through their CA root instead of holding our public key.
@@ -456,7 +540,20 @@ def _store(req: SigningRequest, key: SigningKey, payload: bytes, der: bytes) -> 
         built = bundle.build_bundle(payload, der, certificate_chain_der=ders)
     else:
         built = bundle.build_bundle(payload, der, hint=key.hint)
-    return _record_signature(req, key, bundle.bundle_bytes(built).decode(), payload)
+    return bundle.bundle_bytes(built).decode()
+
+
+def _store(
+    req: SigningRequest,
+    key: SigningKey,
+    payload: bytes,
+    der: bytes,
+    provenance: tuple[bytes, bytes] | None = None,
+) -> SigningRequest:
+    provenance_json = _bundle_json(key, *provenance) if provenance else None
+    return _record_signature(
+        req, key, _bundle_json(key, payload, der), payload, provenance_bundle=provenance_json
+    )
 
 
 def _record_signature(
@@ -465,8 +562,13 @@ def _record_signature(
     bundle_json: str,
     payload: bytes,
     signer_identity: str = "",
+    *,
+    provenance_bundle: str | None = None,
 ) -> SigningRequest:
-    """Signature, its audit record and the state change: one transaction, or none of them."""
+    """Signature, its audit record and the state change: one transaction, or none of them.
+
+    With ``provenance_bundle``, the provenance's bundle and its audit record join them.
+    """
     now = timezone.now()
     try:
         with transaction.atomic():
@@ -492,6 +594,11 @@ def _record_signature(
                     "payload_digest": sig.payload_digest,
                 },
             )
+            if provenance_bundle is not None and key is not None:
+                record = provenance_of(req)
+                if record is None:
+                    raise IntegrityError("the request's provenance disappeared while it was signed")
+                record.record_signature(key, provenance_bundle, now)
             moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
                 state=RequestState.SIGNED, signed_at=now, updated_at=now, waiting_reason=""
             )
@@ -499,7 +606,7 @@ def _record_signature(
                 raise IntegrityError("request left the signing state while it was being signed")
     except IntegrityError:
         pass  # already signed by this key, or taken away: the stored state is the truth
-    return SigningRequest.objects.get(pk=req.pk)
+    return SigningRequest.objects.select_related("provenance").get(pk=req.pk)
 
 
 def _wait(req: SigningRequest, reason: str) -> SigningRequest:

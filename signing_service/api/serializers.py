@@ -12,6 +12,8 @@ from rest_framework import serializers
 from rest_framework.request import Request
 
 from keys.models import SigningKey
+from provenance.models import provenance_of
+from signing_service import slsa
 from signing_service.manifest import ManifestError, check_ignore_path, validate_resources
 from signing_service.models import Signature, SigningRequest
 from signing_service.signing import Submission
@@ -69,12 +71,23 @@ class SigningRequestCreateSerializer(StrictSerializer):
         child=serializers.CharField(trim_whitespace=False), required=False, max_length=1000
     )
     ci = CiSerializer(required=False)
+    provenance = serializers.JSONField(
+        required=False,
+        help_text="The model's SLSA provenance v1 (an in-toto Statement v1 whose one subject "
+        "has the request's root digest); signed as a second bundle",
+    )
 
     @extend_schema_field(ResourceSchema(many=True))
     def validate_resources(self, value: Any) -> Any:
         try:
             return validate_resources(value, max_resources=settings.MAX_RESOURCES)
         except ManifestError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate_provenance(self, value: Any) -> slsa.Provenance:
+        try:
+            return slsa.parse_statement(value, max_bytes=settings.MAX_PROVENANCE_BYTES)
+        except slsa.ProvenanceError as exc:
             raise serializers.ValidationError(str(exc)) from None
 
     def validate_ignore_paths(self, value: list[str]) -> list[str]:
@@ -95,6 +108,7 @@ class SigningRequestCreateSerializer(StrictSerializer):
             resources=data["resources"],
             ignore_paths=data.get("ignore_paths", []),
             ci=dict(data.get("ci", {})),
+            provenance=data.get("provenance"),
         )
 
 
@@ -116,13 +130,14 @@ class SigningRequestSerializer(serializers.ModelSerializer):
     resource_count = serializers.SerializerMethodField()
     approvals = serializers.SerializerMethodField()
     key = serializers.SerializerMethodField()
+    provenance = serializers.SerializerMethodField()
     links = serializers.SerializerMethodField()
 
     class Meta:
         model = SigningRequest
         fields = [
             "id", "state", "model", "version", "environment", "requester", "actor", "ci",
-            "root_digest", "statement_digest", "resource_count", "approvals", "key",
+            "root_digest", "statement_digest", "resource_count", "approvals", "key", "provenance",
             "failure_reason", "waiting_reason", "created_at", "updated_at", "expires_at", "signed_at", "links",
         ]  # fmt: skip
 
@@ -148,12 +163,28 @@ class SigningRequestSerializer(serializers.ModelSerializer):
             return {"keyless": True, "signer_identity": sig.signer_identity}
         return KeySummarySerializer(sig.key).data
 
+    @extend_schema_field(serializers.DictField(allow_null=True))
+    def get_provenance(self, obj: SigningRequest) -> dict[str, Any] | None:
+        record = provenance_of(obj)
+        if record is None:
+            return None
+        return record.predicate_summary() | {
+            "source_uri": record.source_uri,
+            "source_commit": record.source_commit,
+            "signed": record.is_signed,
+        }
+
     @extend_schema_field(serializers.DictField())
     def get_links(self, obj: SigningRequest) -> dict[str, str | None]:
         request = self.context["request"]
         return {
             "self": absolute(request, reverse("api-v1:signing-request", args=[obj.id])),
             "bundle": absolute(request, reverse("api-v1:signing-request-bundle", args=[obj.id])),
+            "provenance": absolute(
+                request, reverse("api-v1:signing-request-provenance", args=[obj.id])
+            )
+            if provenance_of(obj) is not None
+            else None,
             "approval_page": absolute(request, reverse("approvals:request", args=[obj.id]))
             if obj.required_approvals
             else None,
@@ -205,6 +236,11 @@ class VerifyRequestSerializer(StrictSerializer):
     deployment = _text(64, help_text="Deployment environment from the verification policy")
     bundle = serializers.JSONField(
         required=False, allow_null=True, help_text="The Sigstore bundle, as JSON; omit if unsigned"
+    )
+    provenance_bundle = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        help_text="The model's provenance bundle (from .../provenance), to check with the bundle",
     )
     resources = serializers.JSONField(
         required=False, help_text="The deployed model's [{name, algorithm, digest}], to compare"

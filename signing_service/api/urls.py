@@ -18,6 +18,11 @@ urlpatterns = [
         name="signing-request-bundle",
     ),
     path(
+        "signing-requests/<uuid:pk>/provenance",
+        views.SigningRequestProvenanceView.as_view(),
+        name="signing-request-provenance",
+    ),
+    path(
         "signing-requests/<uuid:pk>/approvals/",
         views.ApprovalCreateView.as_view(),
         name="signing-request-approvals",

@@ -20,6 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from keys.models import SigningKey
+from provenance.models import provenance_of
 from signing_service.api.auth import ApiTokenAuthentication
 from signing_service.api.errors import error_body
 from signing_service.api.oidc import OidcAuthentication
@@ -95,7 +96,8 @@ class OciSigningRequestCreateView(SigningRequestCreateView):
 class SigningRequestDetailView(APIView):
     @extend_schema(responses=SigningRequestSerializer, summary="A signing request's state")
     def get(self, request: Request, pk: Any) -> Response:
-        req = get_object_or_404(SigningRequest.objects.visible_to(request.user), pk=pk)
+        visible = SigningRequest.objects.visible_to(request.user).select_related("provenance")
+        req = get_object_or_404(visible, pk=pk)
         return Response(SigningRequestSerializer(req, context={"request": request}).data)
 
 
@@ -115,6 +117,32 @@ class SigningRequestBundleView(APIView):
             return Response(error_body("not_signed", message), status=409)
         response = HttpResponse(sig.bundle, content_type=BUNDLE_MEDIA_TYPE)
         response["Content-Disposition"] = 'attachment; filename="model.sig"'
+        return response
+
+
+class SigningRequestProvenanceView(APIView):
+    @extend_schema(
+        responses={
+            (200, BUNDLE_MEDIA_TYPE): OpenApiResponse(
+                description="Sigstore bundle v0.3 JSON of the SLSA provenance statement"
+            ),
+            404: OpenApiResponse(description="no such request, or it carries no provenance"),
+            409: OpenApiResponse(description="not signed (yet)"),
+        },
+        summary="The provenance bundle of a signed request (signed with the model, same key)",
+    )
+    def get(self, request: Request, pk: Any) -> HttpResponse | Response:
+        visible = SigningRequest.objects.visible_to(request.user).select_related("provenance")
+        req = get_object_or_404(visible, pk=pk)
+        record = provenance_of(req)
+        if record is None:
+            message = "the request carries no provenance"
+            return Response(error_body("no_provenance", message), status=404)
+        if req.state != RequestState.SIGNED or not record.is_signed:
+            message = f"the request is {req.state}; its provenance is signed with the model"
+            return Response(error_body("not_signed", message), status=409)
+        response = HttpResponse(record.bundle, content_type=BUNDLE_MEDIA_TYPE)
+        response["Content-Disposition"] = 'attachment; filename="model.sig.provenance"'
         return response
 
 
@@ -297,10 +325,12 @@ class VerifyView(PublicView):
             return Response(error_body("trust_unavailable", str(exc)), status=503)
         resources = data.get("resources")
         raw = json.dumps(data["bundle"]).encode() if data.get("bundle") else None
+        provenance = data.get("provenance_bundle")
         try:
             verdict = gate.evaluate(
                 doc, data["deployment"], raw, mode=data["mode"], now=datetime.now(UTC),
                 rehash=lambda statement: _resource_problems(statement, resources),
+                provenance_data=json.dumps(provenance).encode() if provenance else None,
             )  # fmt: skip
         except client_trust.TrustError as exc:
             return Response(error_body("invalid", str(exc), {"field": "deployment"}), status=400)
