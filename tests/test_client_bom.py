@@ -461,6 +461,82 @@ def test_provenance_for_other_content_is_refused(
     assert "hashing" not in err  # refused before the model is read
 
 
+def provenance_digest(path: Path) -> str:
+    """The provenance statement's digest, as a signed model statement names it."""
+    payload = base64.b64decode(json.loads(path.read_bytes())["dsseEnvelope"]["payload"])
+    return hashlib.sha256(bundle.statement_payload(json.loads(payload))).hexdigest()
+
+
+@pytest.fixture
+def with_provenance(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A model whose signed statement names its provenance, as the service signs it:
+    (model, bundle, public key, provenance bundle)."""
+    model = write_model(tmp_path / "resnet")
+    root = hashing.hash_model(model).root_digest
+    prov = provenance_bundle(tmp_path / "provenance.json", root)
+    summary = {
+        "subject_digest": root,
+        "builder_id": BUILDER,
+        "build_type": SLSA_BUILD_TYPE,
+        "statement_digest": provenance_digest(prov),
+    }
+    sig = tmp_path / "resnet.sig"
+    pem = throwaway_sign(model, sig, {"authority": "production", "provenance": summary})
+    return model, sig, pem, prov
+
+
+def test_provenance_named_by_the_signed_statement(
+    with_provenance: tuple[Path, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, sig, pem, prov = with_provenance
+    argv = [str(model), "--signature", str(sig), "--public-key", str(pem), "--quiet"]
+    rc, text, err = bom_of(*argv, capsys=capsys)
+    assert rc == 0, err
+    p = props(model_component(validate(text)))
+    assert p["modelsign:provenance:builder_id"] == [BUILDER]
+    assert p["modelsign:provenance:build_type"] == [SLSA_BUILD_TYPE]
+    assert p["modelsign:provenance:statement_digest"] == [provenance_digest(prov)]
+    assert "modelsign:provenance:signature_check" not in p  # no provenance bundle was given
+    rc, text, err = bom_of(*argv, "--provenance", str(prov), capsys=capsys)
+    assert rc == 0, err
+    p = props(model_component(validate(text)))
+    assert p["modelsign:provenance:signature_check"] == [
+        "named by the model's signed statement (its statement digest)"
+    ]
+    assert p["modelsign:provenance:source_commit"] == [COMMIT]
+
+
+def test_provenance_other_than_the_signed_one_is_refused(
+    with_provenance: tuple[Path, Path, Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model, sig, _, prov = with_provenance
+    root = hashing.hash_model(model).root_digest
+    other = provenance_bundle(tmp_path / "other.json", root, runDetails={"builder": {"id": "x"}})
+    rc, out, err = bom_of(str(model), "--signature", str(sig), "--provenance", str(other),
+                          "--quiet", capsys=capsys)  # fmt: skip
+    assert (rc, out) == (1, "")
+    assert (
+        f"--provenance other.json is not the provenance the signature names: its statement "
+        f"digest is {provenance_digest(other)}, the signed one {provenance_digest(prov)}"
+    ) in err
+
+
+def test_a_signed_provenance_summary_for_other_content_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = write_model(tmp_path / "m")
+    sig = tmp_path / "m.sig"
+    summary = {"subject_digest": "cd" * 32, "builder_id": BUILDER, "statement_digest": "ef" * 32}
+    throwaway_sign(model, sig, {"provenance": summary})
+    rc, _, err = bom_of(str(model), "--signature", str(sig), "--quiet", capsys=capsys)
+    assert rc == 1
+    assert (
+        f"the signed statement's provenance is for other content: subject digest {'cd' * 32}" in err
+    )
+
+
 # --- bad input -------------------------------------------------------------------------
 
 

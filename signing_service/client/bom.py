@@ -9,15 +9,18 @@ What the BOM holds:
   request id, signing time, statement digests, ignore paths;
 * one ``file`` component per signed file with its SHA-256; the model depends on each;
 * the bundle as a ``digital-signature`` external reference with its SHA-256;
-* with a provenance bundle (SLSA v1): builder id, build type, source repository and
-  commit as properties and ``vcs`` / ``build-system`` references, the provenance bundle
-  as an ``attestation`` reference.
+* provenance when present: the summary the signed statement carries (builder id, build
+  type, the provenance statement's digest) and, with a provenance bundle (SLSA v1), builder
+  id, build type, source repository and commit as properties and ``vcs`` /
+  ``build-system`` references, the provenance bundle as an ``attestation`` reference.
 
 This module describes; it does not judge. The caller (``modelsign bom``) re-hashes the
 model and refuses when it differs from the statement, and states in
-``modelsign:signature_check`` whether and how the bundle's signature was checked. The
-provenance's own signature is never checked here (``modelsign:provenance:signature_check``
-says so); only its subject digest is compared with the model's root digest.
+``modelsign:signature_check`` whether and how the bundle's signature was checked. A
+provenance bundle's own signature is not checked here: it must be for the model (subject
+digest = root digest) and, when the signed statement names a provenance, be that one (same
+statement digest), in which case the model's signature covers it;
+``modelsign:provenance:signature_check`` says which.
 
 Output is deterministic: the serial number is a UUID derived from the digests of the
 signed statement, the bundle and the provenance; the timestamp is the signing time; every
@@ -38,13 +41,16 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
+from signing_service import bundle
 from signing_service.bundle import VerifiedStatement
 
 if TYPE_CHECKING:
     from cyclonedx.model.bom import Bom
 
 __all__ = [
+    "BOUND",
     "NAMESPACE",
+    "NOT_CHECKED",
     "BomError",
     "Provenance",
     "Signature",
@@ -53,6 +59,7 @@ __all__ = [
     "read_provenance",
     "read_signature",
     "render",
+    "signed_provenance",
 ]
 
 NAMESPACE = "modelsign"
@@ -61,6 +68,7 @@ IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 IN_TOTO_STATEMENTS = ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1")
 SIGSTORE_BUNDLE_PREFIX = "application/vnd.dev.sigstore.bundle"
 NOT_CHECKED = "not checked"
+BOUND = "named by the model's signed statement (its statement digest)"
 # Fixed for good: changing it changes the serial number of every BOM ever written.
 _SERIAL_NAMESPACE = uuid.UUID("6d0c3f1e-8a55-4c5e-9b0f-4d6f2a1b7c39")
 _OID_ISSUER_V2 = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.8")
@@ -98,6 +106,8 @@ class Provenance:
 
     file_name: str
     sha256: str
+    #: SHA-256 of the statement's canonical JSON: what a signed statement names it by.
+    statement_digest: str
     subject_digests: frozenset[str]
     builder_id: str | None
     build_type: str | None
@@ -190,6 +200,7 @@ def read_provenance(data: bytes, name: str) -> Provenance:
     return Provenance(
         file_name=name,
         sha256=hashlib.sha256(data).hexdigest(),
+        statement_digest=hashlib.sha256(bundle.statement_payload(statement)).hexdigest(),
         subject_digests=digests,
         builder_id=_text(_mapping(run.get("builder")).get("id")),
         build_type=_text(definition.get("buildType")),
@@ -247,14 +258,37 @@ def _source(definition: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def check_provenance(provenance: Provenance, root_digest: str) -> None:
-    """Refuse provenance for other content than the model (another subject digest)."""
-    if root_digest.lower() not in provenance.subject_digests:
+def check_provenance(provenance: Provenance | None, statement: VerifiedStatement) -> None:
+    """Refuse provenance for other content than the model (another subject digest), or other
+    than the provenance the signed statement names."""
+    signed = signed_provenance(statement)
+    if signed and signed.get("subject_digest") not in (None, statement.root_digest):
+        raise BomError(
+            f"the signed statement's provenance is for other content: subject digest "
+            f"{signed['subject_digest']}, model root digest {statement.root_digest}"
+        )
+    if provenance is None:
+        return
+    if statement.root_digest not in provenance.subject_digests:
         listed = ", ".join(sorted(provenance.subject_digests))
         raise BomError(
             f"--provenance {provenance.file_name} is for other content: its subject digest "
-            f"({listed}) is not the model's root digest {root_digest}"
+            f"({listed}) is not the model's root digest {statement.root_digest}"
         )
+    named = signed.get("statement_digest")
+    if named is not None and named != provenance.statement_digest:
+        raise BomError(
+            f"--provenance {provenance.file_name} is not the provenance the signature names: "
+            f"its statement digest is {provenance.statement_digest}, the signed one {named}"
+        )
+
+
+def signed_provenance(statement: VerifiedStatement) -> dict[str, str]:
+    """The provenance summary in the signed statement (text fields only), or {}."""
+    summary = statement.service_metadata.get("provenance")
+    if not isinstance(summary, dict):
+        return {}
+    return {k: v for k, v in summary.items() if isinstance(k, str) and _text(v)}
 
 
 # --- the BOM ---------------------------------------------------------------------------
@@ -269,8 +303,7 @@ def build_bom(signature: Signature, provenance: Provenance | None = None) -> Bom
         raise BomError(f"modelsign bom needs cyclonedx-python-lib: {_INSTALL_HINT}") from None
 
     statement = signature.statement
-    if provenance is not None:
-        check_provenance(provenance, statement.root_digest)
+    check_provenance(provenance, statement)
     files = [
         Component(
             type=ComponentType.FILE,
@@ -347,15 +380,24 @@ def _properties(signature: Signature, provenance: Provenance | None) -> list[Any
         *(("ignore_path", path) for path in statement.ignore_paths),
         *(("approver", approver) for approver in _approvers(meta.get("approvals"))),
     ]
+    signed = signed_provenance(statement)
     if provenance is not None:
+        bound = signed.get("statement_digest") == provenance.statement_digest
         fields += [
             ("provenance:builder_id", provenance.builder_id),
             ("provenance:build_type", provenance.build_type),
             ("provenance:source_uri", provenance.source_uri),
             ("provenance:source_commit", provenance.source_commit),
             ("provenance:invocation_id", provenance.invocation_id),
+            ("provenance:statement_digest", provenance.statement_digest),
             ("provenance:bundle_sha256", provenance.sha256),
-            ("provenance:signature_check", NOT_CHECKED),
+            ("provenance:signature_check", BOUND if bound else NOT_CHECKED),
+        ]
+    elif signed:
+        fields += [
+            ("provenance:builder_id", signed.get("builder_id")),
+            ("provenance:build_type", signed.get("build_type")),
+            ("provenance:statement_digest", signed.get("statement_digest")),
         ]
     return [
         Property(name=f"{NAMESPACE}:{name}", value=text)

@@ -712,7 +712,7 @@ def cmd_bom(args: argparse.Namespace) -> int:
     if args.provenance:
         raw = _read_input(args.provenance, "--provenance")
         provenance = bom.read_provenance(raw, Path(args.provenance).name)
-        bom.check_provenance(provenance, statement.root_digest)  # before an hour of hashing
+    bom.check_provenance(provenance, statement)  # before an hour of hashing
     extra = _user_ignore_paths(model, args.ignore_paths)
     for own in (args.signature, args.provenance, args.out):  # our own files are not the model
         if own and (rel := _inside_model(model, Path(own))) is not None:
