@@ -75,6 +75,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: the request id and the request counter see every answer, redirects included.
+    "signing_service.observability.RequestObservabilityMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -133,7 +135,7 @@ if PRODUCTION:
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "approvals:dashboard"
@@ -284,11 +286,66 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
+# --- observability (signing_service.observability, .health, .metrics, .logs) -------------
+#: ``json``: one JSON object per line (time, level, logger, message, request_id, extras);
+#: ``text``: one readable line. Both carry the request id, in web and worker processes alike.
+LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "text")
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, got {LOG_FORMAT!r}")
+#: Bearer token for GET /metrics; unset, /metrics answers only direct loopback connections.
+METRICS_TOKEN = env_secret("METRICS_TOKEN", "") or ""
+#: /readyz: each dependency must answer within this many seconds ...
+READYZ_TIMEOUT_SECONDS = env_int("READYZ_TIMEOUT_SECONDS", 2, minimum=1, maximum=30)
+#: ... and a key backend's health() answer is reused this long (probes never hammer an HSM).
+READYZ_CACHE_SECONDS = env_int("READYZ_CACHE_SECONDS", 5, minimum=0, maximum=300)
+# Multiprocess metrics (see signing_service/metrics.py): the launchers set the variable
+# (deploy/gunicorn.conf.py, deploy/local/run.sh); every process writing there needs the dir.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
+    # prometheus_client takes an empty value for "the current directory": mean "unset".
+    del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    try:
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR: {exc}") from None
+
+
+def _worker_metrics_listen() -> tuple[str, int] | None:
+    raw = env_str("WORKER_METRICS_LISTEN", "").strip()
+    if not raw:
+        return None
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ImproperlyConfigured(
+            f"WORKER_METRICS_LISTEN must be host:port (e.g. 0.0.0.0:9808), got {raw!r}"
+        )
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise ImproperlyConfigured(
+            "WORKER_METRICS_LISTEN needs PROMETHEUS_MULTIPROC_DIR: the pool processes that "
+            "sign write their metrics there for the worker's endpoint to add up"
+        )
+    return host.strip("[]"), int(port)
+
+
+#: A Celery worker with a metrics directory of its own (another pod) serves its signing
+#: latencies at http://host:port/metrics; unset, the web's /metrics shows them (shared dir).
+WORKER_METRICS_LISTEN = _worker_metrics_listen()
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_context": {"()": "signing_service.logs.RequestContextFilter"}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "signing_service.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
 

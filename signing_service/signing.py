@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from keys.backends.base import BackendUnavailable, KeyBackend, KeyBackendError
 from keys.models import SigningKey
 from keys.registry import backend_for
 from provenance.models import ProvenanceRecord, mark_without_provenance, provenance_of
-from signing_service import audit, bundle
+from signing_service import audit, bundle, metrics
 from signing_service.manifest import Resource, root_digest, sort_resources
 from signing_service.models import (
     ApiToken,
@@ -401,7 +402,9 @@ def sign(request_id: Any) -> SigningRequest:
         _ensure_usable(backend, key)
         signed_at = timezone.now().isoformat()
         payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
+        started = time.perf_counter()
         der = backend.sign(key.key_ref, bundle.pae(payload))
+        metrics.observe_signing(key.backend, time.perf_counter() - started)
         _check_signature(key, payload, der)
         provenance = _sign_provenance(req, key, backend)
     except NoActiveKey as exc:

@@ -14,6 +14,11 @@ export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:${REDIS_PORT}/0}
 export SIGNING_MODE=${SIGNING_MODE:-worker}
 LOG_DIR="$VAR_DIR/log"
 mkdir -p "$LOG_DIR" "$VAR_DIR/redis"
+# Metrics: gunicorn's workers and the Celery worker's pool write their counters here and
+# /metrics sums them (signing_service/metrics.py). Emptied once, before any of them starts.
+export PROMETHEUS_MULTIPROC_DIR=${PROMETHEUS_MULTIPROC_DIR:-$VAR_DIR/prometheus}
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+find "$PROMETHEUS_MULTIPROC_DIR" -maxdepth 1 -name '*.db' -type f -delete
 
 pids=()
 stop_all() {
