@@ -28,6 +28,7 @@ from signing_service.manifest import ManifestError, validate_resources
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from signing_service import slsa
     from signing_service.bundle import VerifiedStatement
     from signing_service.client import gate, trust
     from signing_service.client.api import ServiceClient
@@ -357,7 +358,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _finish(
-    client: ServiceClient, req: Mapping[str, Any], result: hashing.HashResult, out: Path
+    client: ServiceClient,
+    req: Mapping[str, Any],
+    result: hashing.HashResult,
+    out: Path,
+    provenance: tuple[slsa.Provenance, Path] | None = None,
 ) -> int:
     state, rid = req.get("state"), req.get("id")
     if state in DENIED_STATES:
@@ -374,9 +379,73 @@ def _finish(
         raise CliError(f"signing request {rid} is signed but has no links.bundle")
     data = client.bundle(bundle_url)
     check_bundle_content(data, result)
+    provenance_data = _fetch_provenance(client, req, provenance[0]) if provenance else None
     _write_atomic(out, data)
     print(out)
+    if provenance and provenance_data is not None:
+        _write_atomic(provenance[1], provenance_data)
+        print(provenance[1])
     return EXIT_OK
+
+
+# --- sign --provenance -------------------------------------------------------------------
+
+
+def _read_provenance(path: str, result: hashing.HashResult) -> slsa.Provenance:
+    """The SLSA statement to send: a statement, or a DSSE envelope / Sigstore bundle holding
+    one (e.g. a builder's ``.intoto.jsonl``; its signature is not ours to check), for this
+    model. Checked before the upload so a wrong file fails fast, with its name."""
+    from signing_service import slsa
+
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise CliError(f"cannot read --provenance {path}: {exc.strerror}") from None
+    except (ValueError, RecursionError) as exc:
+        raise CliError(f"--provenance {path} is not JSON: {exc}") from None
+    value = _unwrap_envelope(value, path)
+    try:
+        checked = slsa.parse_statement(value, max_bytes=64 << 20)
+    except slsa.ProvenanceError as exc:
+        raise CliError(f"--provenance {path}: {exc}") from None
+    if checked.subject_digest != result.root_digest:
+        raise CliError(
+            f"--provenance {path} is for other content: its subject digest is "
+            f"{checked.subject_digest}, the model hashes to {result.root_digest}"
+        )
+    return checked
+
+
+def _unwrap_envelope(value: object, path: str) -> object:
+    envelope = value.get("dsseEnvelope", value) if isinstance(value, dict) else value
+    if not isinstance(envelope, dict) or "payload" not in envelope:
+        return value
+    try:
+        return json.loads(base64.b64decode(str(envelope["payload"]), validate=True))
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise CliError(f"--provenance {path}: its DSSE payload is not base64 JSON") from None
+
+
+def _fetch_provenance(
+    client: ServiceClient, req: Mapping[str, Any], sent: slsa.Provenance
+) -> bytes:
+    """The provenance bundle, refused unless it signs exactly the statement that was sent."""
+    from signing_service import bundle
+
+    url = _link(req, "provenance")
+    if not url:
+        raise CliError(f"signing request {req.get('id')} is signed but has no links.provenance")
+    data = client.bundle(url)
+    envelope = bundle.parse_bundle(data)["dsseEnvelope"]
+    try:
+        payload = base64.b64decode(str(envelope.get("payload", "")), validate=True)
+    except (ValueError, binascii.Error):
+        payload = b""
+    if envelope.get("payloadType") != bundle.PAYLOAD_TYPE or payload != sent.payload:
+        raise CliError(
+            "the server returned a provenance bundle for another statement; nothing was written"
+        )
+    return data
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -384,13 +453,20 @@ def cmd_sign(args: argparse.Namespace) -> int:
     model, out = Path(args.path), Path(args.out)
     if not out.parent.is_dir():  # find out now, not after the service has signed
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    provenance_out = _provenance_out(args, out)
     ignores = _user_ignore_paths(model, args.ignore_paths)
-    if (sig := _inside_model(model, out)) is not None:
-        ignores.append(sig)  # as model_signing does: the bundle is not part of the model
+    for own in (out, provenance_out):
+        if own is not None and (sig := _inside_model(model, own)) is not None:
+            ignores.append(sig)  # as model_signing does: the bundle is not part of the model
     result = _hash(model, ignores, quiet=args.quiet, workers=args.workers)
     if not result.resources:
         raise CliError(f"{model} has no files to sign (after ignore paths)")
     body = _request_body(args, result)
+    provenance = None
+    if provenance_out is not None:
+        checked = _read_provenance(args.provenance, result)
+        body["provenance"] = checked.statement
+        provenance = (checked, provenance_out)
     import uuid  # lazily: it imports platform, which `modelsign hash` need not pay for
 
     req = client.submit(body, str(uuid.uuid4()), _identity_token(args))
@@ -400,7 +476,18 @@ def cmd_sign(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _error(f"interrupted; the request stays open: {_link(req, 'self') or req.get('id')}")
         return EXIT_INTERRUPTED
-    return _finish(client, req, result, out)
+    return _finish(client, req, result, out, provenance)
+
+
+def _provenance_out(args: argparse.Namespace, out: Path) -> Path | None:
+    if not args.provenance:
+        if args.provenance_out:
+            raise CliError("--provenance-out needs --provenance")
+        return None
+    path = Path(args.provenance_out) if args.provenance_out else Path(f"{out}.provenance")
+    if not path.parent.is_dir():
+        raise CliError(f"--provenance-out {path}: directory {path.parent} does not exist")
+    return path
 
 
 def _read_manifest(path: str) -> tuple[dict[str, Any], hashing.HashResult]:
@@ -590,8 +677,8 @@ def model_problems(
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.deployment:
         return _verify_deployment(args)
-    if args.mode != "strict" or args.json:
-        raise CliError("--mode and --json apply with --deployment")
+    if args.mode != "strict" or args.json or args.provenance_signature:
+        raise CliError("--mode, --json and --provenance-signature apply with --deployment")
     model, signature = Path(args.path), Path(args.signature)
     try:
         data = signature.read_bytes()
@@ -628,10 +715,14 @@ def _verify_deployment(args: argparse.Namespace) -> int:
         raise CliError("--deployment needs --trust (the policy comes from the trust document)")
     model, signature = Path(args.path), Path(args.signature)
     data = signature.read_bytes() if signature.is_file() else None
+    provenance = None
+    if args.provenance_signature:
+        provenance = _read_input(args.provenance_signature, "--provenance-signature")
     doc = _read_trust(args.trust, "--trust")
     extra = _user_ignore_paths(model, args.ignore_paths)
-    if (sig := _inside_model(model, signature)) is not None:
-        extra.append(sig)
+    for own in (args.signature, args.provenance_signature):
+        if own and (sig := _inside_model(model, Path(own))) is not None:
+            extra.append(sig)
 
     def rehash(statement: VerifiedStatement) -> Sequence[str]:
         return model_problems(
@@ -646,6 +737,7 @@ def _verify_deployment(args: argparse.Namespace) -> int:
             mode=args.mode,
             now=args.at or datetime.now(UTC),
             rehash=rehash,
+            provenance_data=provenance,
         )
     except trust.TrustError as exc:
         raise CliError(str(exc)) from None
@@ -914,6 +1006,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-file", help="where --cache keeps its digests (implies --cache)"
     )
     _sign_options(parsers["sign"])
+    parsers["sign"].add_argument(
+        "--provenance",
+        metavar="FILE",
+        help="the model's SLSA v1 provenance (in-toto statement JSON, or a DSSE envelope of "
+        "one) to have signed with it, as a second bundle",
+    )
+    parsers["sign"].add_argument(
+        "--provenance-out",
+        metavar="PATH",
+        help="with --provenance: where to write the provenance bundle "
+        "(default: the --out path + .provenance)",
+    )
     _verify_options(parsers["verify"])
     _trust_options(parsers["trust"])
     pk = parsers["public-key"]
@@ -968,6 +1072,12 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
         help="with --deployment: warn reports and accepts; permissive accepts unsigned models",
     )
     p.add_argument("--json", action="store_true", help="with --deployment: the verdict as JSON")
+    p.add_argument(
+        "--provenance-signature",
+        metavar="PATH",
+        help="with --deployment: also check the model's provenance bundle "
+        "(written by `modelsign sign --provenance`, model.sig.provenance)",
+    )
     p.add_argument(
         "--at",
         type=when,

@@ -9,8 +9,10 @@ Every check yields a :class:`Check`; the verdict depends on the mode:
 
 Checks, in order: signature present; bundle signature by a key the trust document lists;
 the key's state and windows at the signing time; authority accepted by the deployment;
-signature age; provenance (when required); approvals (the authority's count, distinct
-approvers in the signed statement); the model's files re-hashed.
+signature age; provenance (when required); the provenance bundle (when one is given: signed
+by a trusted key of the model's authority, the very statement the model's signature names,
+for the model's root digest); approvals (the authority's count, distinct approvers in the
+signed statement); the model's files re-hashed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from signing_service import bundle
+from signing_service import bundle, slsa
 from signing_service.client import trust
 
 MODES = ("strict", "warn", "permissive")
@@ -74,8 +76,12 @@ def evaluate(
     mode: str,
     now: datetime,
     rehash: Callable[[bundle.VerifiedStatement], Sequence[str]],
+    provenance_data: bytes | None = None,
 ) -> Verdict:
-    """Run the checks; ``rehash`` returns the model's problems against a verified statement."""
+    """Run the checks; ``rehash`` returns the model's problems against a verified statement.
+
+    ``provenance_data``: the model's provenance bundle, checked too when given.
+    """
     rule = rule_for(doc, deployment)
     verdict = Verdict(deployment, mode)
     add = verdict.checks.append
@@ -99,6 +105,8 @@ def evaluate(
     _authority(rule, statement, key, add)
     _age(rule, signed_at, now, add)
     _provenance(rule, statement, add)
+    if provenance_data is not None:
+        add(_provenance_bundle(doc, key, statement, provenance_data, signed_at, now))
     _approvals(doc, key.authority, statement, add)
     problems = rehash(statement)
     add(
@@ -218,6 +226,57 @@ def _provenance(
         )
         return
     add(Check("provenance", True, f"builder {provenance.get('builder_id', '?')}"))
+
+
+def _provenance_bundle(
+    doc: trust.TrustDocument,
+    model_key: trust.TrustKey,
+    statement: bundle.VerifiedStatement,
+    data: bytes,
+    signed_at: datetime,
+    now: datetime,
+) -> Check:
+    """The provenance bundle: by a trusted key of the model's authority, valid when the model
+    was signed, the statement the model's signature names, and for the model's content."""
+    name = "provenance bundle"
+    try:
+        hint = bundle.bundle_hint(bundle.parse_bundle(data))
+    except bundle.BundleError as exc:
+        return Check(name, False, str(exc))
+    key = doc.keys.get(hint or "")
+    if key is None:
+        what = "has no key hint" if hint is None else f"is signed by {hint[:16]}, not listed"
+        return Check(name, False, f"the provenance bundle {what} in the trust document")
+    if key.authority != model_key.authority:
+        return Check(
+            name,
+            False,
+            f"signed by {key.name} of {key.authority!r}; the model by {model_key.authority!r}",
+        )
+    try:
+        verified = slsa.verify_bundle(data, key.public_key)
+        trust.check_key(doc, key.hint, signed_at, now)
+    except (slsa.ProvenanceError, trust.TrustError) as exc:
+        return Check(name, False, str(exc))
+    named = statement.service_metadata.get("provenance")
+    if not isinstance(named, dict):
+        return Check(name, False, "the model's signed statement names no provenance")
+    subject = verified.provenance.subject_digest
+    if subject != statement.root_digest:
+        return Check(
+            name,
+            False,
+            f"the provenance is for other content (subject digest {subject[:16]}, "
+            f"model root digest {statement.root_digest[:16]})",
+        )
+    if verified.payload_digest != named.get("statement_digest"):
+        return Check(
+            name,
+            False,
+            "not the provenance the model's signature names (statement digest "
+            f"{verified.payload_digest[:16]}, signed {str(named.get('statement_digest'))[:16]})",
+        )
+    return Check(name, True, f"valid, by {key.name}; builder {verified.provenance.builder_id}")
 
 
 def _approvals(
