@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 
 from provenance.models import ProvenanceRecord
 from signing_service import bundle, slsa
@@ -260,3 +262,21 @@ def test_requests_without_provenance_never_query_for_it_on_their_own(
     table = ProvenanceRecord._meta.db_table
     alone = [q["sql"] for q in queries.captured_queries if f'FROM "{table}"' in q["sql"]]
     assert alone == []
+
+
+@pytest.mark.softhsm
+@pytest.mark.django_db
+def test_the_approver_page_shows_the_provenance(
+    api: Any, issue_token: Any, active_keys: Any, make_user: Any
+) -> None:
+    client = authed(api, issue_token(authorities=("production",)))
+    with_prov = client.post(URL, with_provenance(environment="production"), format="json").json()
+    plain = client.post(URL, request_body(environment="production"), format="json").json()
+    browser = Client()
+    assert browser.login(username=make_user("alice").username, password="pw-" + "x" * 12)
+    page = browser.get(reverse("approvals:request", args=[with_prov["id"]])).content.decode()
+    for shown in (GITHUB_BUILDER, BUILD_TYPE, f"{SOURCE} @ {COMMIT}"):
+        assert shown in page
+    assert with_prov["provenance"]["statement_digest"] in page
+    page = browser.get(reverse("approvals:request", args=[plain["id"]])).content.decode()
+    assert 'id="provenance-builder">none sent' in page
