@@ -240,3 +240,23 @@ def test_two_approvals_sign_the_provenance_they_saw(
     assert meta["provenance"]["statement_digest"] == record.statement_digest
     assert {a["approver"] for a in meta["approvals"]} == {"alice@company.com", "bob@company.com"}
     assert bundle_payload(record.bundle.encode()) == record.payload
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["sign", "m", "--server", "http://127.0.0.1:9", "--environment", "staging",
+          "--token", "t", "--provenance-out", "x.provenance"], "--provenance-out needs --provenance"),
+        (["verify", "m", "--signature", "m.sig", "--public-key", "k.pem",
+          "--provenance-signature", "m.sig.provenance"], "apply with --deployment"),
+    ],
+    ids=["out-without-provenance", "verify-without-deployment"],
+)  # fmt: skip
+def test_provenance_options_need_their_partner(
+    argv: list[str], expected: str, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    assert main(argv) == 1
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing written
