@@ -2,7 +2,8 @@
 
 ``redis_url`` starts Debian's ``redis-server`` on a free loopback port once per session;
 ``celery_worker_process`` starts ``celery worker`` as a subprocess that shares the test
-database (file-backed SQLite, so use ``django_db(transaction=True)``) and the SoftHSM token.
+database (file-backed SQLite or PostgreSQL, so use ``django_db(transaction=True)``) and the
+SoftHSM token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -112,13 +114,33 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")
 
 
+def database_url() -> str:
+    """``DATABASE_URL`` of the database this test process uses now (the test database).
+
+    pytest-django renames the database after the settings loaded, so the environment's
+    ``DATABASE_URL`` names the wrong one: build it from the live settings, either engine.
+    """
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    if db["ENGINE"] == "django.db.backends.postgresql":
+        credentials = quote(db["USER"], safe="")
+        if db["PASSWORD"]:
+            credentials += ":" + quote(db["PASSWORD"], safe="")
+        host = f"{db['HOST']}:{db['PORT']}" if db["PORT"] else db["HOST"]
+        return f"postgres://{credentials}@{host}/{quote(db['NAME'], safe='')}"
+    raise RuntimeError(f"subprocesses cannot share a {db['ENGINE']} test database")
+
+
 def worker_env(redis_url: str) -> dict[str, str]:
     """The test process's environment, pointed at its database, HSM settings and broker."""
     from django.conf import settings
 
     return {
         **os.environ,
-        "DATABASE_URL": f"sqlite:///{settings.DATABASES['default']['NAME']}",
+        "DATABASE_URL": database_url(),
         "PKCS11_MODULE": settings.PKCS11_MODULE,
         "PKCS11_PIN_FILE": str(settings.PKCS11_PIN_FILE),
         "DJANGO_SETTINGS_MODULE": "signing_service.settings",

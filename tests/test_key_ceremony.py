@@ -22,6 +22,7 @@ from keys.models import CeremonyState, KeyCeremony, KeyState, SigningKey
 from signing_service.models import AuditEntry
 from signing_service.signing import SigningRefused
 from tests.fixtures_service import authed, request_body, totp_code, totp_device
+from tests.redis_fixtures import database_url
 
 pytestmark = pytest.mark.softhsm
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,10 +136,9 @@ def test_killing_the_process_mid_ceremony_leaves_no_active_key(
         lee = get_user_model().objects.get(username="lee")
         ceremonies.confirm("{c.pk}", lee, otp_verified_at=timezone.now())
     """)
-    db_name = django_settings.DATABASES["default"]["NAME"]
     env = {
         **os.environ,
-        "DATABASE_URL": f"sqlite:///{db_name}",
+        "DATABASE_URL": database_url(),
         "PKCS11_MODULE": django_settings.PKCS11_MODULE,
         "PKCS11_PIN_FILE": str(django_settings.PKCS11_PIN_FILE),
         "DJANGO_SETTINGS_MODULE": "signing_service.settings",
