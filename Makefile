@@ -8,19 +8,21 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 # The local Redis broker (started by `make run` unless one already answers on this port).
 REDIS_PORT ?= 6390
-APT_PACKAGES := softhsm2 redis-server chromium
+APT_PACKAGES := softhsm2 redis-server chromium postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VAR_DIR
 
-.PHONY: run demo test lint check pytest system-deps deps migrate bootstrap clean help
+.PHONY: run demo test lint check pytest pytest-postgres system-deps deps migrate bootstrap clean help
 
 help:
 	@echo "make run    start the service on http://$(HOST):$(PORT) with local SoftHSM keys,"
 	@echo "           Redis, the Celery worker and beat (logs in $(VAR_DIR)/log)"
 	@echo "make demo   CI signs for production, two approvers approve, model_signing verifies"
-	@echo "make test   lint and run the whole test suite"
+	@echo "make test   lint, run the whole test suite, then the database-dependent tests again"
+	@echo "           on a throwaway PostgreSQL cluster (Debian's server, started and removed by the run)"
 
-## Debian packages: the HSM (SoftHSM2) and the broker (Redis).
+## Debian packages: the HSM (SoftHSM2), the broker (Redis), the browser for the UI tests
+## (chromium) and PostgreSQL (only its server binaries: the tests run their own cluster).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -70,7 +72,12 @@ lint: deps
 pytest: deps
 	$(PY) -m pytest
 
-test: lint pytest
+# The tests marked `postgres` (tests/conftest.py) again, on a cluster the run starts on a free
+# loopback port (as the `postgres` OS user when root) and removes at the end.
+pytest-postgres: deps
+	$(PY) -m pytest --postgres -m postgres
+
+test: lint pytest pytest-postgres
 
 clean:
 	rm -rf $(VENV) $(VAR_DIR)

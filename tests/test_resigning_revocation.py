@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -121,5 +122,5 @@ def test_revoking_a_key_with_10000_signatures_quarantines_half_and_re_signs_them
     print(
         f"\n{N} real signatures made and stored in {made:.1f} s; revoke + quarantine "
         f"{N // 2}: {quarantine_ms:.0f} ms; re-sign {N // 2} through the worker "
-        f"(2 processes, SQLite): {resign_s:.1f} s ({N // 2 / resign_s:.0f}/s)"
+        f"(2 processes, {connection.vendor}): {resign_s:.1f} s ({N // 2 / resign_s:.0f}/s)"
     )
