@@ -340,6 +340,35 @@ def test_a_certificate_signed_bundle_names_its_signer(
     assert "modelsign:key_hint" not in p
 
 
+def test_a_big_model_is_checked_against_the_schema_with_a_sample_of_its_files(
+    signed: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from signing_service.client import bom
+
+    model, sig, pem = signed
+    monkeypatch.setattr(bom, "VALIDATE_FILES", 1)
+    rc, text, err = bom_of(str(model), "--signature", str(sig), "--public-key", str(pem),
+                           "--quiet", capsys=capsys)  # fmt: skip
+    assert rc == 0, err
+    doc = validate(text)  # the whole document, every file
+    assert len([c for c in doc["components"] if c["type"] == "file"]) == len(SIGNED)
+
+
+def test_a_bom_the_schema_refuses_is_never_written(tmp_path: Path) -> None:
+    from signing_service.client import bom
+    from signing_service.manifest import Resource
+
+    statement = bundle.VerifiedStatement(
+        statement={"predicate": {}}, payload=b"{}", model_name="m", root_digest="0" * 64,
+        resources=[Resource("weights.bin", "not-hex")], ignore_paths=[], hint=None,
+    )  # fmt: skip
+    signature = bom.read_signature(b"{}", "m.sig", statement)
+    with pytest.raises(bom.BomError, match=r"does not validate against CycloneDX 1\.6"):
+        bom.render(bom.build_bom(signature))
+
+
 # --- the model must match the signature ------------------------------------------------
 
 
