@@ -33,7 +33,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[server,dev]'
+	$(PY) -m pip install -q -e '.[client,server,dev]'
 	@touch $@
 
 deps: system-deps $(VENV)/.installed
