@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -55,22 +56,57 @@ def record(
     # The head row lock makes concurrent appenders take turns, so seq has no gaps or forks.
     # get_or_create: the migration makes the row, but a flushed test database has none.
     head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
-    now = timezone.now()
+    entry = _chained(head.seq + 1, timezone.now(), actor, action, target, data, head.entry_hash)
+    entry.save(force_insert=True)
+    AuditHead.objects.filter(pk=1).update(seq=entry.seq, entry_hash=entry.entry_hash)
+    return entry
+
+
+def record_many(
+    actor: str, action: str, items: Iterable[tuple[Any, dict[str, Any]]]
+) -> list[AuditEntry]:
+    """Append one entry per ``(target, data)``, in order: what :func:`record` does for each,
+    under one lock of the head, stored with one bulk INSERT and one head update.
+
+    The entries chain exactly as if recorded one by one; same transaction rule as ``record``.
+    """
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("audit.record_many must be called inside the transaction it records")
+    head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
+    now, entries = timezone.now(), []
+    seq, prev = head.seq, head.entry_hash
+    for target, data in items:
+        entries.append(_chained(seq + 1, now, actor, action, target, data, prev))
+        seq, prev = entries[-1].seq, entries[-1].entry_hash
+    if entries:
+        AuditEntry.objects.bulk_create(entries, batch_size=500)
+        AuditHead.objects.filter(pk=1).update(seq=seq, entry_hash=prev)
+    return entries
+
+
+def _chained(
+    seq: int,
+    now: datetime,
+    actor: str,
+    action: str,
+    target: Any,
+    data: dict[str, Any] | None,
+    prev_hash: str,
+) -> AuditEntry:
+    """The unsaved entry ``seq`` after the entry whose hash is ``prev_hash``."""
     fields = {
-        "seq": head.seq + 1,
+        "seq": seq,
         "created_at": now.isoformat(),
         "actor": actor,
         "action": action,
         "target_type": type(target).__name__ if target is not None else "",
         "target_id": str(target.pk) if target is not None else "",
         "data": json.loads(json.dumps(data or {}, default=str)),
-        "prev_hash": head.entry_hash,
+        "prev_hash": prev_hash,
     }
     digest = entry_hash(**fields)
     fields["created_at"] = now
-    entry = AuditEntry.objects.create(entry_hash=digest, **fields)
-    AuditHead.objects.filter(pk=1).update(seq=entry.seq, entry_hash=digest)
-    return entry
+    return AuditEntry(entry_hash=digest, **fields)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -91,6 +92,36 @@ def test_the_orm_refuses_to_change_entries() -> None:
 def test_record_outside_a_transaction_is_refused() -> None:
     with pytest.raises(RuntimeError, match="inside the transaction"):
         audit.record("tester", "test.event")
+    with pytest.raises(RuntimeError, match="inside the transaction"):
+        audit.record_many("tester", "test.event", [(None, {"i": 1})])
+    assert not AuditEntry.objects.exists()
+
+
+@pytest.mark.django_db
+def test_entries_appended_in_one_pass_chain_like_single_ones(capsys: Any) -> None:
+    append(2)
+    request = SigningRequest(pk="6d0b1a7e-0000-4000-8000-000000000001")
+    with transaction.atomic():
+        made = audit.record_many(
+            "tester", "test.bulk", [(request, {"i": i}) for i in range(3)] + [(None, {})]
+        )
+        assert audit.record_many("tester", "test.bulk", []) == []
+    append(1)
+    entries = list(AuditEntry.objects.order_by("seq"))
+    assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 6, 7]
+    assert [e.seq for e in made] == [3, 4, 5, 6]
+    assert [(e.action, e.target_type, e.target_id, e.data) for e in entries[2:6]] == [
+        ("test.bulk", "SigningRequest", str(request.pk), {"i": 0}),
+        ("test.bulk", "SigningRequest", str(request.pk), {"i": 1}),
+        ("test.bulk", "SigningRequest", str(request.pk), {"i": 2}),
+        ("test.bulk", "", "", {}),
+    ]
+    assert all(b.prev_hash == a.entry_hash for a, b in pairwise(entries))
+    call_command("verify_audit")
+    assert "audit log OK: 7 entries" in capsys.readouterr().out
+    raw_sql("UPDATE signing_service_auditentry SET data = '{\"i\": 9}' WHERE seq = 4")
+    with pytest.raises(CommandError, match="BROKEN at entry 4: entry 4 was modified"):
+        call_command("verify_audit")
 
 
 @pytest.mark.softhsm
