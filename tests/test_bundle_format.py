@@ -9,6 +9,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,6 +50,26 @@ def test_raw_signature_of_wrong_length_is_refused() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(bundle.BundleError, match="must be 64 bytes"):
         bundle.raw_to_der(b"\x01" * 63, key.public_key())
+
+
+def _halves(size: int) -> st.SearchStrategy[bytes]:
+    # Leading zero bytes and the top bit are what change the DER: draw them often.
+    return st.tuples(
+        st.integers(0, 3), st.sampled_from([0x01, 0x7F, 0x80, 0xFF]), st.binary(min_size=size)
+    ).map(lambda t: (bytes(t[0]) + bytes((t[1],)) + t[2])[:size])
+
+
+@pytest.mark.parametrize("size", [32, 48, 66])
+def test_raw_to_der_is_byte_for_byte_encode_dss_signature(size: int) -> None:
+    @given(r=_halves(size), s=_halves(size))
+    def check(r: bytes, s: bytes) -> None:
+        expected = encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+        assert bundle.raw_ecdsa_to_der(r + s, size) == expected
+
+    check()
+    for r, s in [(bytes(size), bytes(size)), (b"\xff" * size, b"\0" * (size - 1) + b"\x80")]:
+        expected = encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+        assert bundle.raw_ecdsa_to_der(r + s, size) == expected
 
 
 def make_bundle(key: ec.EllipticCurvePrivateKey, statement: dict) -> dict:
