@@ -18,6 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from signing_service.api.views import errors
 from signing_service.audit_checkpoints import CHECKPOINT_PAYLOAD_TYPE
 from signing_service.models import AuditCheckpoint
 
@@ -46,7 +47,10 @@ class _Public(APIView):
 
 class AuditCheckpointListView(_Public):
     @extend_schema(
-        responses=AuditCheckpointSerializer(many=True),
+        responses={
+            200: AuditCheckpointSerializer(many=True),
+            **errors({400: "after or limit is not a non-negative whole number"}),
+        },
         parameters=[
             OpenApiParameter("after", int, description="only checkpoints numbered above this"),
             OpenApiParameter("limit", int, description=f"at most this many (max {MAX_LIMIT})"),
@@ -64,7 +68,10 @@ class AuditCheckpointListView(_Public):
 
 class AuditCheckpointEnvelopeView(_Public):
     @extend_schema(
-        responses={200: OpenApiResponse(description="the DSSE envelope JSON, as stored")},
+        responses={
+            200: OpenApiResponse(description="the DSSE envelope JSON, as stored"),
+            **errors({404: "no checkpoint with this number"}),
+        },
         summary="One checkpoint's envelope, byte for byte (for verify_audit --checkpoint-file)",
     )
     def get(self, request: Request, number: int) -> HttpResponse:

@@ -39,6 +39,41 @@ from signing_service.models import RequestState, Signature, SigningRequest
 from signing_service.signing import submit
 from signing_service.trust import TrustUnavailable, current_document
 
+#: The one error shape (signing_service.api.errors), for the schema's 4xx/5xx answers.
+API_ERROR = inline_serializer(
+    "Error",
+    {
+        "error": inline_serializer(
+            "ErrorDetail",
+            {
+                "code": serializers.CharField(help_text="machine-readable reason"),
+                "message": serializers.CharField(help_text="what is wrong, for people"),
+                "details": serializers.JSONField(allow_null=True, help_text="e.g. the field"),
+            },
+        )
+    },
+)
+
+
+def errors(described: dict[int, str]) -> dict[int, OpenApiResponse]:
+    """Error answers of an endpoint, each with the shared error body."""
+    return {code: OpenApiResponse(API_ERROR, description=text) for code, text in described.items()}
+
+
+UNAUTHENTICATED = "no credential, or an unknown, expired, revoked or malformed one"
+SUBMIT_ERRORS = errors(
+    {
+        400: "invalid body (field named), unknown environment, bad Idempotency-Key, "
+        "provenance refused, keyless authority without an identity token",
+        401: UNAUTHENTICATED + " (OIDC: bad signature, audience, issuer, expiry, replay)",
+        403: "not an authorized signer, token not scoped to the environment, "
+        "the environment requires OIDC, or the OIDC token's claims are refused",
+        413: "body larger than MAX_REQUEST_BODY_BYTES",
+        422: "Idempotency-Key already used for a different body",
+        503: "the OIDC issuer or the replay store cannot be reached",
+    }
+)
+
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key", str, OpenApiParameter.HEADER,
     description="Makes a retried POST return the request the first attempt created.",
@@ -52,7 +87,7 @@ class SigningRequestCreateView(APIView):
 
     @extend_schema(
         request=SigningRequestCreateSerializer,
-        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer},
+        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer, **SUBMIT_ERRORS},
         parameters=[IDEMPOTENCY_HEADER],
         summary="Submit a model manifest to sign",
     )
@@ -85,7 +120,7 @@ class OciSigningRequestCreateView(SigningRequestCreateView):
 
     @extend_schema(
         request=OciSigningRequestCreateSerializer,
-        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer},
+        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer, **SUBMIT_ERRORS},
         parameters=[IDEMPOTENCY_HEADER],
         summary="Submit an OCI image manifest to sign (layers become resources)",
     )
@@ -94,7 +129,13 @@ class OciSigningRequestCreateView(SigningRequestCreateView):
 
 
 class SigningRequestDetailView(APIView):
-    @extend_schema(responses=SigningRequestSerializer, summary="A signing request's state")
+    @extend_schema(
+        responses={
+            200: SigningRequestSerializer,
+            **errors({401: UNAUTHENTICATED, 404: "no such request visible to this identity"}),
+        },
+        summary="A signing request's state",
+    )
     def get(self, request: Request, pk: Any) -> Response:
         visible = SigningRequest.objects.visible_to(request.user).select_related("provenance")
         req = get_object_or_404(visible, pk=pk)
@@ -105,7 +146,13 @@ class SigningRequestBundleView(APIView):
     @extend_schema(
         responses={
             (200, BUNDLE_MEDIA_TYPE): OpenApiResponse(description="Sigstore bundle v0.3 JSON"),
-            409: OpenApiResponse(description="not signed (yet)"),
+            **errors(
+                {
+                    401: UNAUTHENTICATED,
+                    404: "no such request visible to this identity",
+                    409: "not signed (yet)",
+                }
+            ),
         },
         summary="The signature bundle of a signed request",
     )
@@ -126,8 +173,13 @@ class SigningRequestProvenanceView(APIView):
             (200, BUNDLE_MEDIA_TYPE): OpenApiResponse(
                 description="Sigstore bundle v0.3 JSON of the SLSA provenance statement"
             ),
-            404: OpenApiResponse(description="no such request, or it carries no provenance"),
-            409: OpenApiResponse(description="not signed (yet)"),
+            **errors(
+                {
+                    401: UNAUTHENTICATED,
+                    404: "no such request visible to this identity, or it carries no provenance",
+                    409: "not signed (yet)",
+                }
+            ),
         },
         summary="The provenance bundle of a signed request (signed with the model, same key)",
     )
@@ -153,7 +205,18 @@ class ApprovalCreateView(APIView):
 
     @extend_schema(
         request=ApprovalCreateSerializer,
-        responses={201: SigningRequestSerializer},
+        responses={
+            201: SigningRequestSerializer,
+            **errors(
+                {
+                    400: "invalid body (decision must be approve or reject)",
+                    403: "not logged in, no CSRF token, not an approver of the authority, "
+                    "self-approval, or no authenticator code verified recently enough",
+                    404: "no such signing request",
+                    409: "not pending (signed, rejected, expired) or already decided by you",
+                }
+            ),
+        },
         summary="Approve or reject a pending request (session + fresh TOTP)",
     )
     def post(self, request: Request, pk: Any) -> Response:
@@ -197,7 +260,10 @@ class KeyListView(PublicView):
 
 class KeyPemView(PublicView):
     @extend_schema(
-        responses={(200, "application/x-pem-file"): OpenApiResponse(description="PEM")},
+        responses={
+            (200, "application/x-pem-file"): OpenApiResponse(description="PEM"),
+            **errors({404: "no key with this hint"}),
+        },
         summary="One public key as PEM, by its hint",
     )
     def get(self, request: Request, hint: str) -> HttpResponse:
@@ -228,7 +294,7 @@ class TrustDocumentView(PublicView):
     @extend_schema(
         responses={
             200: TRUST_ENVELOPE,
-            503: OpenApiResponse(description="no active key could sign the trust document"),
+            **errors({503: "no active key could sign the trust document"}),
         },
         summary="The trust document for offline verifiers, signed by every active key",
     )
@@ -254,7 +320,10 @@ class SignatureListView(APIView):
     FILTERS = ("model", "version", "state")
 
     @extend_schema(
-        responses=SignatureSerializer(many=True),
+        responses={
+            200: SignatureSerializer(many=True),
+            **errors({400: "limit or offset is not a non-negative integer", 401: UNAUTHENTICATED}),
+        },
         parameters=[OpenApiParameter(n, str) for n in ("key", "model", "version", "state")]
         + [OpenApiParameter("limit", int), OpenApiParameter("offset", int)],
         summary="Issued signatures (filter by key hint prefix, model, version, state)",
@@ -287,7 +356,13 @@ class SignatureBundleView(APIView):
         authentication.SessionAuthentication,
     ]
 
-    @extend_schema(responses={(200, BUNDLE_MEDIA_TYPE): OpenApiResponse(description="bundle")})
+    @extend_schema(
+        responses={
+            (200, BUNDLE_MEDIA_TYPE): OpenApiResponse(description="Sigstore bundle v0.3 JSON"),
+            **errors({401: UNAUTHENTICATED, 404: "no such signature visible to this identity"}),
+        },
+        summary="One issued signature's bundle",
+    )
     def get(self, request: Request, pk: int) -> HttpResponse:
         sig = get_object_or_404(Signature.objects.visible_to(request.user), pk=pk)
         return HttpResponse(sig.bundle, content_type=BUNDLE_MEDIA_TYPE)
@@ -306,7 +381,16 @@ class VerifyView(PublicView):
 
     @extend_schema(
         request=VerifyRequestSerializer,
-        responses={200: OpenApiResponse(description="{verdict, deployment, mode, checks[]}")},
+        responses={
+            200: OpenApiResponse(description="{verdict, deployment, mode, checks[]}"),
+            **errors(
+                {
+                    400: "invalid body, or a deployment the verification policy does not have",
+                    413: "body larger than MAX_REQUEST_BODY_BYTES",
+                    503: "no trust document could be signed",
+                }
+            ),
+        },
         summary="Verify a bundle (and optionally a resource list) against a deployment's policy",
     )
     def post(self, request: Request) -> Response:
