@@ -12,7 +12,12 @@ from typing import Any
 
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    inline_serializer,
+)
 from rest_framework import exceptions, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -48,7 +53,13 @@ class _Public(APIView):
 class AuditCheckpointListView(_Public):
     @extend_schema(
         responses={
-            200: AuditCheckpointSerializer(many=True),
+            200: inline_serializer(
+                "AuditCheckpointList",
+                {
+                    "count": serializers.IntegerField(help_text="checkpoints in all"),
+                    "results": AuditCheckpointSerializer(many=True),
+                },
+            ),
             **errors({400: "after or limit is not a non-negative whole number"}),
         },
         parameters=[

@@ -243,9 +243,15 @@ class PublicView(APIView):
     permission_classes = [permissions.AllowAny]
 
 
+KEY_LIST = inline_serializer(
+    "KeyList",
+    {"count": serializers.IntegerField(), "results": SigningKeySerializer(many=True)},
+)
+
+
 class KeyListView(PublicView):
     @extend_schema(
-        responses=SigningKeySerializer(many=True),
+        responses=KEY_LIST,
         parameters=[OpenApiParameter("authority", str), OpenApiParameter("state", str)],
         summary="Every authority's public keys",
     )
@@ -321,7 +327,15 @@ class SignatureListView(APIView):
 
     @extend_schema(
         responses={
-            200: SignatureSerializer(many=True),
+            200: inline_serializer(
+                "SignatureList",
+                {
+                    "count": serializers.IntegerField(help_text="matching signatures in all"),
+                    "limit": serializers.IntegerField(),
+                    "offset": serializers.IntegerField(),
+                    "results": SignatureSerializer(many=True),
+                },
+            ),
             **errors({400: "limit or offset is not a non-negative integer", 401: UNAUTHENTICATED}),
         },
         parameters=[OpenApiParameter(n, str) for n in ("key", "model", "version", "state")]
@@ -382,7 +396,23 @@ class VerifyView(PublicView):
     @extend_schema(
         request=VerifyRequestSerializer,
         responses={
-            200: OpenApiResponse(description="{verdict, deployment, mode, checks[]}"),
+            200: inline_serializer(
+                "Verdict",
+                {
+                    "verdict": serializers.ChoiceField(["accept", "reject"]),
+                    "deployment": serializers.CharField(),
+                    "mode": serializers.ChoiceField(["strict", "warn", "permissive"]),
+                    "checks": inline_serializer(
+                        "VerdictCheck",
+                        {
+                            "name": serializers.CharField(),
+                            "ok": serializers.BooleanField(),
+                            "detail": serializers.CharField(),
+                        },
+                        many=True,
+                    ),
+                },
+            ),
             **errors(
                 {
                     400: "invalid body, or a deployment the verification policy does not have",
