@@ -83,11 +83,16 @@ def plan_resigning_on_commit(authority: str) -> None:
         from keys.resigning import plan_for_authority  # re-signing builds on the lifecycle
 
         plan_for_authority(authority)
+        # Requests that waited for a key are signed now, not at the next reconcile: by the
+        # worker, or here (inline mode: development, or a manage.py shell next to the stack).
         if settings.SIGNING_MODE == "worker":
-            # Requests that waited for a key are signed now, not at the next reconcile.
             from worker.tasks.signing import enqueue_waiting
 
             enqueue_waiting(authority)
+        else:
+            from signing_service.signing import sign_waiting
+
+            sign_waiting(authority)
 
     transaction.on_commit(plan, robust=True)
 

@@ -388,6 +388,26 @@ def sign_or_enqueue(request_id: Any) -> SigningRequest:
     return SigningRequest.objects.select_related("provenance").get(pk=request_id)
 
 
+#: Waiting requests one key activation signs in its own process (inline mode); the worker's
+#: reconcile takes any beyond this.
+SIGN_WAITING_LIMIT = 1000
+
+
+def sign_waiting(authority: str) -> int:
+    """Sign, here, the approved requests of ``authority`` that wait (no key, backend down).
+
+    Each goes through :func:`sign`, so a request a worker claimed meanwhile is left to it.
+    Returns how many were signed.
+    """
+    pks = list(
+        SigningRequest.objects.filter(authority=authority, state=RequestState.APPROVED)
+        .exclude(waiting_reason="")
+        .order_by("updated_at")
+        .values_list("pk", flat=True)[:SIGN_WAITING_LIMIT]
+    )
+    return sum(sign(pk).state == RequestState.SIGNED for pk in pks)
+
+
 def sign(request_id: Any) -> SigningRequest:
     """Sign an approved request at most once; return it in its new state."""
     claimed = SigningRequest.objects.filter(pk=request_id, state=RequestState.APPROVED).update(

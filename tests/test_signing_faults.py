@@ -302,3 +302,32 @@ def test_requests_waiting_for_a_key_are_signed_as_soon_as_a_new_key_is_active(
     assert set(Signature.objects.filter(request__in=waiting).values_list("key", flat=True)) == {
         new.pk
     }
+
+
+def test_inline_mode_signs_waiting_requests_in_the_process_that_activates_the_key(
+    active_keys: dict[str, SigningKey], settings: Any
+) -> None:
+    """A ceremony run from a shell (``manage.py key_ceremony``, inline mode, no broker) signs
+    the requests that waited for a key itself, instead of leaving them to the next reconcile."""
+    from keys.lifecycle import transition
+
+    settings.SIGNING_MODE = "inline"
+    transition(active_keys["staging"].pk, "revoked", actor="tests", reason="compromised")
+    waiting = [approved_request(n).pk for n in range(3)]
+    for pk in waiting:
+        assert signing.sign(pk).state == RequestState.APPROVED  # no key: it waits
+    assert all(
+        "no active signing key" in r.waiting_reason
+        for r in SigningRequest.objects.filter(pk__in=waiting)
+    )
+    backend = registry.pkcs11_backend("staging")
+    generated = backend.generate(f"staging-{secrets.token_hex(4)}", "ECDSA-P256")
+    new = register_key(
+        "staging", backend, generated, algorithm="ECDSA-P256",
+        validity=timedelta(days=90), actor="tests", activate=True,
+    )  # fmt: skip
+    assert all_signed(waiting)()
+    assert set(Signature.objects.filter(request__in=waiting).values_list("key", flat=True)) == {
+        new.pk
+    }
+    assert not SigningRequest.objects.filter(pk__in=waiting).exclude(waiting_reason="").exists()
