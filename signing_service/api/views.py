@@ -74,6 +74,12 @@ SUBMIT_ERRORS = errors(
     }
 )
 
+CREATED = OpenApiResponse(SigningRequestSerializer, description="the new request")
+RETRIED = OpenApiResponse(
+    SigningRequestSerializer,
+    description="a retry (same Idempotency-Key, same body): the request the first attempt made",
+)
+
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key", str, OpenApiParameter.HEADER,
     description="Makes a retried POST return the request the first attempt created.",
@@ -87,7 +93,7 @@ class SigningRequestCreateView(APIView):
 
     @extend_schema(
         request=SigningRequestCreateSerializer,
-        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer, **SUBMIT_ERRORS},
+        responses={201: CREATED, 200: RETRIED, **SUBMIT_ERRORS},
         parameters=[IDEMPOTENCY_HEADER],
         summary="Submit a model manifest to sign",
     )
@@ -120,7 +126,7 @@ class OciSigningRequestCreateView(SigningRequestCreateView):
 
     @extend_schema(
         request=OciSigningRequestCreateSerializer,
-        responses={201: SigningRequestSerializer, 200: SigningRequestSerializer, **SUBMIT_ERRORS},
+        responses={201: CREATED, 200: RETRIED, **SUBMIT_ERRORS},
         parameters=[IDEMPOTENCY_HEADER],
         summary="Submit an OCI image manifest to sign (layers become resources)",
     )
