@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import secrets
 import threading
 import traceback
@@ -412,9 +413,10 @@ def test_two_threads_sign_concurrently(softhsm_token: SoftHSMToken) -> None:
             verify(keys[i].public_key, der, message)
 
 
-def _child(backend: Pkcs11Backend, key_ref: dict[str, str], queue: Any, bad_conf: bool) -> None:
-    """Runs in a forked child: report what happened through the queue."""
-    inherited = backend_module._STATE
+def _child(
+    backend: Pkcs11Backend, key_ref: dict[str, str], queue: Any, bad_conf: bool, inherited: Any
+) -> None:
+    """Runs in a forked child (``inherited``: the parent's state): report through the queue."""
     report: dict[str, Any] = {"pid": os.getpid()}
     try:
         if bad_conf:
@@ -441,7 +443,10 @@ def _child(backend: Pkcs11Backend, key_ref: dict[str, str], queue: Any, bad_conf
 def _run_child(backend: Pkcs11Backend, key_ref: dict[str, str], bad_conf: bool) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(backend, key_ref, queue, bad_conf))
+    # The fork context hands the child these objects themselves: the parent's state, copied.
+    inherited = backend_module._STATE
+    assert inherited.tokens, "the parent must hold a live session when it forks"
+    process = ctx.Process(target=_child, args=(backend, key_ref, queue, bad_conf, inherited))
     process.start()
     report = queue.get(timeout=60)
     process.join(timeout=60)
@@ -480,6 +485,72 @@ def test_forked_child_recovers_from_a_bad_module_configuration(
     assert "SOFTHSM2_CONF" in report["bad_conf_error"]
     verify(gen.public_key, report["signature"], pae(b"child"))
     assert pkcs11_backend.health().ok
+
+
+def _fork(work: Any) -> dict[str, Any]:
+    """``work()`` in a child made by a bare ``os.fork`` (as gunicorn does); its report."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            try:
+                report = work()
+            except BaseException as exc:
+                report = {"error": exception_text(exc)}
+            with os.fdopen(write_end, "wb") as out:
+                pickle.dump(report, out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as inp:
+        data = inp.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return pickle.loads(data)  # noqa: S301 - our own child's report
+
+
+def _sessions() -> list[Any]:
+    return [ts.session for ts in backend_module._STATE.tokens.values()]
+
+
+@softhsm_only
+def test_nested_bare_forks_each_open_their_own_session(pkcs11_backend: Pkcs11Backend) -> None:
+    # The fork hook, not a per-call pid check, drops inherited state: a child of a child
+    # (a worker forking a helper) must drop its parent's fresh state just the same.
+    gen = pkcs11_backend.generate(random_label())
+    pkcs11_backend.sign(gen.key_ref, pae(b"parent"))
+    parent_sessions = _sessions()
+    assert parent_sessions
+
+    def sign_here(name: str, inherited: list[Any]) -> dict[str, Any]:
+        return {
+            "dropped": backend_module._STATE.tokens == {},  # before any call of this process
+            "signature": pkcs11_backend.sign(gen.key_ref, pae(name.encode())),
+            "reused": any(a is b for a in _sessions() for b in inherited),
+        }
+
+    def child() -> dict[str, Any]:
+        report = sign_here("child", parent_sessions)
+        child_sessions = _sessions()
+        report["grandchild"] = _fork(lambda: sign_here("grandchild", child_sessions))
+        report["after"] = pkcs11_backend.sign(gen.key_ref, pae(b"child after"))
+        return report
+
+    report = _fork(child)
+
+    assert "error" not in report, report["error"]
+    grandchild = report["grandchild"]
+    assert "error" not in grandchild, grandchild["error"]
+    for who, name in ((report, "child"), (grandchild, "grandchild")):
+        assert who["dropped"] is True
+        assert who["reused"] is False
+        verify(gen.public_key, who["signature"], pae(name.encode()))
+    verify(gen.public_key, report["after"], pae(b"child after"))
+    assert _sessions() == parent_sessions  # the parent kept its session and still signs
+    verify(gen.public_key, pkcs11_backend.sign(gen.key_ref, pae(b"after")), pae(b"after"))
 
 
 def _sign_once(backend: Pkcs11Backend, key_ref: dict[str, str], queue: Any) -> None:
