@@ -235,6 +235,19 @@ def test_modelsign_sign_oidc_on_github_actions_signs_a_model(
     verified = model_signing_verify(model, out, pem)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
+    # Later in the pipeline, the same job identity fetches the newest valid bundle (this is
+    # how it picks up a re-signed one) with a fresh ID token, no API token anywhere.
+    fetched = tmp_path / "fetched.sig"
+    result = subprocess.run(
+        [sys.executable, "-m", "signing_service.client", "fetch", "--server", live_server.url,
+         "--oidc", "--oidc-audience", AUDIENCE, "--model", "resnet",
+         "--model-version", req.model_version, "--out", str(fetched)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert fetched.read_bytes() == out.read_bytes()
+    assert len(fake.audiences) == 2  # the fetch asked the CI for its own ID token
+
 
 @pytest.mark.softhsm
 @pytest.mark.django_db(transaction=True)

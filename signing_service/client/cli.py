@@ -870,7 +870,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
     from signing_service import bundle
 
-    client = _client(args.server, _token(args))
+    client = _client(args.server, _credential(args))
     query = urlencode(
         {"model": args.model, "version": args.model_version, "state": "valid", "limit": 1}
     )
@@ -1040,9 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trust", help="trust document from `modelsign trust fetch`")
     fetch = parsers["fetch"]
     fetch.add_argument("--server", required=True, help="service URL")
-    token = fetch.add_mutually_exclusive_group()
-    token.add_argument("--token", help="API token (prefer MODELSIGN_TOKEN or --token-file)")
-    token.add_argument("--token-file", help="file holding the API token")
+    _credential_options(fetch)
     fetch.add_argument("--model", required=True, help="model name as signed")
     fetch.add_argument("--model-version", required=True, help="model version as signed")
     fetch.add_argument("--out", default="model.sig", help="where to write it (model.sig)")
@@ -1132,9 +1130,8 @@ def _identity_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("SIGSTORE_ID_TOKEN") or None
 
 
-def _sign_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", required=True, help="service URL, e.g. https://sign.example.com")
-    p.add_argument("--environment", required=True, help="signing environment (authority)")
+def _credential_options(p: argparse.ArgumentParser) -> None:
+    """--token / --token-file / --oidc and the --oidc-* details (see :func:`_credential`)."""
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", help="API token (prefer MODELSIGN_TOKEN or --token-file)")
     token.add_argument("--token-file", help="file holding the API token")
@@ -1155,6 +1152,12 @@ def _sign_options(p: argparse.ArgumentParser) -> None:
         help="--oidc: the variable holding the ID token (GitLab id_tokens; default: %(default)s)",
     )
     p.add_argument("--oidc-token-file", help="--oidc: a file holding the ID token")
+
+
+def _sign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="service URL, e.g. https://sign.example.com")
+    p.add_argument("--environment", required=True, help="signing environment (authority)")
+    _credential_options(p)
     p.add_argument(
         "--identity-token-file",
         help="keyless authorities: file with the job's OIDC identity token for Sigstore "
