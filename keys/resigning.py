@@ -2,8 +2,8 @@
 
 Rotation re-signs every ``valid`` signature of a key in ``transition`` (or ``retired``);
 revocation re-signs every ``quarantined`` signature of a ``revoked`` key. All rules live here;
-views and tasks only call :func:`plan_for_authority`, :func:`decide`, :func:`resign_one`,
-:func:`finish_if_done` and :func:`dispatch`.
+views and tasks only call :func:`plan_for_authority`, :func:`decide`, :func:`resign_many`,
+:func:`resign_one`, :func:`finish_if_done` and :func:`dispatch`.
 
 Guarantees:
 
@@ -13,10 +13,12 @@ Guarantees:
   a newer active key). Planning never needs the broker.
 * A batch for an authority that requires approval waits for that many distinct approvers,
   each with a fresh second factor; one rejection rejects it.
-* :func:`resign_one` may run twice, concurrently, or be killed at any point: the old
-  signature moves to ``superseded`` with a conditional UPDATE in the same transaction that
-  creates the new signature (unique (request, key), one-to-one ``supersedes``) and its audit
-  record, so a signature is re-signed at most once and never lost.
+* :func:`resign_many` (a chunk) and :func:`resign_one` may run twice, concurrently, or be
+  killed at any point: the old signatures move to ``superseded`` with a conditional UPDATE in
+  the same transaction that creates the new signatures (unique (request, key), one-to-one
+  ``supersedes``) and their audit records, so a signature is re-signed at most once and never
+  lost. Every try is counted before the key is used; a signature tried before is retried on
+  its own, so one that fails (or kills its worker) every time uses up only its own attempts.
 * Only the batch's new key signs, and only while it is the authority's active key; a
   backend outage makes the item wait, never fall back to another key.
 * Only signatures in this database made by a service-held key are touched; keyless
@@ -26,6 +28,8 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mass_mail
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import F, QuerySet
 from django.urls import reverse
 from django.utils import timezone
@@ -61,6 +65,8 @@ log = logging.getLogger(__name__)
 ACTOR = "signing-service"
 #: Tries per signature (each counted before the key is used) before it is given up on.
 MAX_ATTEMPTS = 5
+#: Signatures claimed, signed and stored together (one transaction) by :func:`resign_many`.
+CHUNK = 500
 #: Distinct (model, version) pairs kept on a batch for its approvers.
 MODELS_SUMMARY_CAP = 100
 OPEN_STATES = (ResignBatch.State.PENDING_APPROVAL, ResignBatch.State.RUNNING)
@@ -288,19 +294,157 @@ def dispatch(batch_id: Any) -> None:
         transaction.on_commit(lambda: run_inline(batch_id), robust=True)
 
 
+def chunks(ids: list[int], size: int | None = None) -> Iterator[list[int]]:
+    size = size or CHUNK
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
 def run_inline(batch_id: Any) -> dict[str, int]:
-    """Re-sign every remaining signature of a running batch here, one by one."""
+    """Re-sign every remaining signature of a running batch here, chunk by chunk."""
     batch = ResignBatch.objects.get(pk=batch_id)
-    outcomes: dict[str, int] = {}
+    outcomes: Counter[str] = Counter()
     if batch.state != BatchState.RUNNING:
-        return outcomes
-    for pk in remaining(batch).order_by("pk").values_list("pk", flat=True):
-        outcome = resign_one(pk, finish=False)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        if outcome == "waiting":
+        return {}
+    for chunk in chunks(list(remaining(batch).order_by("pk").values_list("pk", flat=True))):
+        done, waiting = resign_many(batch_id, chunk)
+        outcomes.update(done)
+        if waiting:
             break  # the backend is down: the sweep tries again later
     finish_if_done(batch_id)
-    return outcomes
+    return dict(outcomes)
+
+
+def resign_many(batch_id: Any, signature_ids: list[int]) -> tuple[dict[str, int], list[int]]:
+    """Re-sign these planned signatures of a batch; return (outcome counts, ids that wait).
+
+    Outcomes are those of :func:`resign_one`. Signatures never tried are claimed with one
+    UPDATE (an attempt counted on each, committed before the key is used), signed one after
+    the other and stored in one transaction (:func:`_store_many`). Signatures tried before
+    (their signer died, or their try failed) go one by one through :func:`resign_one`. The
+    ids that wait are those left when the key backend became unavailable (not counted as
+    attempts); try them again later. Finishing the batch is left to the caller.
+    """
+    batch = ResignBatch.objects.select_related("new_key").filter(pk=batch_id).first()
+    refused = _refuse_chunk(batch)
+    if refused:
+        return {refused: len(signature_ids)}, []
+    assert batch is not None
+    claimed = _claim(batch, signature_ids)
+    outcomes, waiting = _resign_claimed(batch, claimed)
+    singles = _tried_before(batch, [pk for pk in signature_ids if pk not in claimed])
+    outcomes["done"] += len(signature_ids) - len(claimed) - len(singles)
+    for position, pk in enumerate(singles):
+        if waiting:
+            waiting.extend(singles[position:])  # the backend is down: these would wait too
+            break
+        outcome = resign_one(pk, finish=False)
+        if outcome == "waiting":
+            waiting.append(pk)
+        else:
+            outcomes[outcome] += 1
+    if waiting:
+        outcomes["waiting"] = len(waiting)
+    return {k: v for k, v in outcomes.items() if v}, waiting
+
+
+def _refuse_chunk(batch: ResignBatch | None) -> str:
+    """Why none of a chunk may be re-signed now (as :func:`resign_one` says it), or ""."""
+    if batch is None:
+        return "not_planned"
+    if batch.state != BatchState.RUNNING:
+        return "not_running"
+    if not _may_sign_with(batch.new_key, batch.authority):
+        return "key_not_active"  # the next plan moves them to a batch for the active key
+    return ""
+
+
+def _claim(batch: ResignBatch, ids: list[int]) -> set[int]:
+    """Count the first attempt on each of ``ids`` planned in ``batch``, still to re-sign and
+    never tried; return those. Committed on its own, before any key is used, so a signer
+    killed after it has still used up the attempts."""
+    with transaction.atomic():
+        # Row locks (SQLite: the IMMEDIATE transaction's write lock) make two concurrent
+        # claims of the same ids split them: each row goes to exactly one claimer.
+        claimed = set(
+            Signature.objects.select_for_update(skip_locked=True)
+            .filter(
+                pk__in=ids,
+                resign_batch=batch,
+                state__in=expected_states(batch),
+                resign_attempts=0,
+            )
+            .values_list("pk", flat=True)
+        )
+        if claimed:
+            Signature.objects.filter(pk__in=claimed).update(
+                resign_attempts=F("resign_attempts") + 1
+            )
+    return claimed
+
+
+def _tried_before(batch: ResignBatch, ids: list[int]) -> list[int]:
+    """Those of ``ids`` that still need re-signing in ``batch`` (tried before, or capped)."""
+    if not ids:
+        return []
+    return list(
+        Signature.objects.filter(pk__in=ids, resign_batch=batch, state__in=expected_states(batch))
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+
+
+def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str], list[int]]:
+    """Sign the claimed signatures and store them together; (outcomes, ids that wait)."""
+    outcomes: Counter[str] = Counter()
+    sigs = list(
+        Signature.objects.filter(pk__in=claimed)
+        .select_related("key", "request", "request__provenance")  # no query per statement
+        .order_by("pk")
+    )
+    outcomes["done"] += len(claimed) - len(sigs)
+    built: list[tuple[Signature, _Built, str]] = []
+    waiting: list[int] = []
+    for position, sig in enumerate(sigs):
+        if sig.resign_batch_id != batch.pk or sig.state not in expected_states(batch):
+            outcomes["done"] += 1  # a concurrent single try finished it
+            continue
+        try:
+            built.append((sig, *_sign(sig, batch)))
+        except BackendUnavailable as exc:
+            waiting = [s.pk for s in sigs[position:]]
+            log.warning("re-signing %d signatures waits for the %s backend: %s",
+                        len(waiting), batch.authority, exc)  # fmt: skip
+            break
+        except Exception as exc:  # one signature's failure (even a bug) is its own
+            outcomes[_failed_try(batch, sig, exc)] += 1
+    try:
+        outcomes.update(_store_many(batch, built))
+    except OperationalError:
+        waiting.extend(sig.pk for sig, _, _ in built)  # the database, not these signatures
+        raise
+    finally:
+        # Not the signatures' fault: give the attempts back, they are tried in bulk again.
+        if waiting:
+            Signature.objects.filter(pk__in=waiting, resign_attempts__gt=0).update(
+                resign_attempts=F("resign_attempts") - 1
+            )
+    return outcomes, waiting
+
+
+def _failed_try(batch: ResignBatch, sig: Signature, exc: Exception) -> str:
+    """What one failed try of a claimed signature means: "failed" (given up) or "error"."""
+    if isinstance(exc, _Permanent):
+        _give_up(batch.pk, sig.pk, str(exc))
+        return "failed"
+    if not isinstance(exc, KeyBackendError | SigningRefused | bundle.BundleError):
+        log.exception("re-signing %s failed unexpectedly (tried again on its own)", sig.pk)
+    reason = getattr(exc, "message", None) or str(exc)
+    if sig.resign_attempts >= MAX_ATTEMPTS:
+        _give_up(batch.pk, sig.pk, f"gave up after {MAX_ATTEMPTS} attempts: {reason}")
+        return "failed"
+    log.warning("re-signing %s failed (tried again later): %s", sig.pk, reason)
+    return "error"
 
 
 def resign_one(signature_id: Any, *, finish: bool = True) -> str:
@@ -457,19 +601,91 @@ def _store(sig: Signature, batch: ResignBatch, built: _Built, reason: str) -> st
                 signed_at=built.signed_at,
                 supersedes=sig,
             )
-            audit.record(
-                ACTOR,
-                "signature.resigned",
-                target=new,
-                data={"request": str(sig.request_id), "authority": batch.authority,
-                      "batch": str(batch.pk), "reason": reason, "supersedes": sig.pk,
-                      "old_key": sig.key.hint if sig.key else None, "key": key.hint,
-                      "old_payload_digest": sig.payload_digest,
-                      "payload_digest": new.payload_digest},
-            )  # fmt: skip
+            target, data = _resigned_record(batch, sig, new, reason)
+            audit.record(ACTOR, "signature.resigned", target=target, data=data)
     except (IntegrityError, _Lost):
         return "done"  # someone else finished it (or its key changed): the stored state wins
     return "resigned"
+
+
+class _Taken(Exception):
+    """Rolls back a chunk of which someone else already superseded at least one signature."""
+
+
+def _store_many(batch: ResignBatch, built: list[tuple[Signature, _Built, str]]) -> dict[str, int]:
+    """:func:`_store` for many: all new signatures, the old ones superseded and one audit
+    record each in one transaction, or none of them. If another signer took any of them,
+    each is stored on its own instead (the stored state wins for the ones it took)."""
+    if not built:
+        return {}
+    key = batch.new_key
+    try:
+        with transaction.atomic():
+            # Locked like revocation locks it: a key revoked while we signed stores nothing.
+            if (
+                not SigningKey.objects.select_for_update()
+                .filter(pk=key.pk, state=KeyState.ACTIVE)
+                .exists()
+            ):
+                return {"done": len(built)}
+            by_state: dict[str, list[int]] = {}
+            for sig, _, _ in built:
+                by_state.setdefault(sig.state, []).append(sig.pk)
+            for state, pks in by_state.items():
+                # Conditional: each must still be in the state it was signed for.
+                moved = Signature.objects.filter(
+                    pk__in=pks, state=state, resign_batch=batch
+                ).update(state=SignatureState.SUPERSEDED)
+                if moved != len(pks):
+                    raise _Taken
+            new = _create_successors(key, built)
+            audit.record_many(
+                ACTOR,
+                "signature.resigned",
+                (_resigned_record(batch, sig, successor, reason)
+                 for (sig, _, reason), successor in zip(built, new, strict=True)),
+            )  # fmt: skip
+    except (IntegrityError, _Taken):
+        outcomes = Counter(_store(sig, batch, one, reason) for sig, one, reason in built)
+        return dict(outcomes)
+    return {"resigned": len(built)}
+
+
+def _create_successors(
+    key: SigningKey, built: list[tuple[Signature, _Built, str]]
+) -> list[Signature]:
+    new = Signature.objects.bulk_create(
+        Signature(
+            request_id=sig.request_id,
+            key=key,
+            bundle=one.bundle_json,
+            payload_digest=bundle.payload_digest(one.payload),
+            signed_at=one.signed_at,
+            supersedes_id=sig.pk,
+        )
+        for sig, one, _ in built
+    )
+    if any(s.pk is None for s in new):  # a database that cannot return inserted ids
+        ids = dict(
+            Signature.objects.filter(
+                key=key, supersedes__in=[s.supersedes_id for s in new]
+            ).values_list("supersedes_id", "pk")
+        )
+        for successor in new:
+            successor.pk = ids[successor.supersedes_id]
+    return new
+
+
+def _resigned_record(
+    batch: ResignBatch, sig: Signature, new: Signature, reason: str
+) -> tuple[Signature, dict[str, Any]]:
+    """The ``signature.resigned`` audit record of ``new`` (target and data)."""
+    return new, {
+        "request": str(sig.request_id), "authority": batch.authority, "batch": str(batch.pk),
+        "reason": reason, "supersedes": sig.pk, "old_key": sig.key.hint if sig.key else None,
+        "key": batch.new_key.hint, "old_payload_digest": sig.payload_digest,
+        "payload_digest": new.payload_digest,
+    }  # fmt: skip
 
 
 def _give_up(batch_id: Any, signature_id: Any, reason: str) -> None:

@@ -48,7 +48,9 @@ def test_a_backend_outage_leaves_the_item_waiting_without_using_an_attempt(
     assert resigning.resign_one(sigs[0].pk) == "waiting"
     sigs[0].refresh_from_db()
     assert (sigs[0].state, sigs[0].resign_attempts, successors(sigs[0])) == ("valid", 0, 0)
-    assert resigning.run_inline(batch.pk) == {"waiting": 1}  # stops at the first one
+    assert resigning.run_inline(batch.pk) == {"waiting": 3}  # its chunk waits with it
+    assert set(Signature.objects.filter(pk__in=[s.pk for s in sigs]).values_list(
+        "state", "resign_attempts")) == {("valid", 0)}  # fmt: skip
     assert ResignBatch.objects.get(pk=batch.pk).state == "running"
     settings.PKCS11_MODULE = module  # back again: the same key signs, nothing else ever did
     registry.reset()

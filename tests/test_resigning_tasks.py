@@ -10,7 +10,7 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from keys import registry
+from keys import registry, resigning
 from keys.models import ResignBatch
 from signing_service.models import AuditEntry
 from tests.resigning_helpers import backdate, bulk_signed, rotate
@@ -55,10 +55,12 @@ def sent(celery_app_for_tests: Any, monkeypatch: pytest.MonkeyPatch) -> list[tup
 
 
 @pytest.mark.django_db(transaction=True)
-def test_worker_mode_sends_chunks_of_50_after_the_commit(
-    active_keys: Any, settings: Any, sent: list[tuple[str, list[int]]]
+def test_worker_mode_sends_chunks_after_the_commit(
+    active_keys: Any, settings: Any, sent: list[tuple[str, list[int]]], monkeypatch: Any
 ) -> None:
     settings.SIGNING_MODE = "worker"
+    assert resigning.CHUNK == 500
+    monkeypatch.setattr(resigning, "CHUNK", 50)  # 120 signatures make three messages
     old = backdate(active_keys["staging"])
     sigs = bulk_signed(
         old, 120, start=timezone.now() - timedelta(days=1), step=timedelta(minutes=1)

@@ -16,6 +16,7 @@ import pytest
 from django.db.models import Count
 from django.utils import timezone
 
+from keys import resigning
 from keys.models import ResignBatch
 from signing_service import audit, bundle
 from signing_service.models import AuditEntry, Signature
@@ -38,9 +39,15 @@ def resigned(batch: ResignBatch) -> int:
 
 
 def test_killing_the_worker_loses_no_re_signing_and_duplicates_none(
-    celery_workers: Callable[[], WorkerProcess], active_keys: Any, settings: Any
+    celery_workers: Callable[[], WorkerProcess],
+    active_keys: Any,
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings.SIGNING_MODE = "worker"
+    # Chunks of 50 (the sender's size): each is claimed, signed and stored as one, and a
+    # kill lands before, during or after a chunk's transaction while others wait queued.
+    monkeypatch.setattr(resigning, "CHUNK", 50)
     old = backdate(active_keys["staging"])
     olds = bulk_signed(old, N, start=timezone.now() - timedelta(days=20), step=timedelta(minutes=1))
     new = rotate(old)  # plans after the commit and sends 20 chunks of 50 to Redis

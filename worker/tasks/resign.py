@@ -1,7 +1,7 @@
 """Re-signing tasks: re-sign a chunk of a batch, and a sweep that loses nothing.
 
 Every task may run twice or concurrently (``acks_late`` redelivers the message of a worker
-that died): :func:`keys.resigning.resign_one` is idempotent, so repeats are harmless. The
+that died): :func:`keys.resigning.resign_many` is idempotent, so repeats are harmless. The
 sweep is what makes a lost Redis or a killed worker lose nothing: it plans every key-based
 authority again and re-sends the remaining signatures of running batches that stopped
 making progress.
@@ -10,7 +10,6 @@ making progress.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,15 +41,8 @@ BEAT_SCHEDULE = {
     },
 }
 
-#: Signatures per task message: small enough that a killed worker redoes little.
-CHUNK = 50
 #: How long a chunk waits for its key backend to come back before the next try.
 BACKEND_RETRY_SECONDS = 30
-
-
-def chunks(ids: list[int], size: int = CHUNK) -> Iterator[list[int]]:
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
 
 
 def enqueue_batch(batch_id: Any) -> None:
@@ -68,7 +60,7 @@ def send_remaining(batch_id: str) -> int:
     if batch.state != ResignBatch.State.RUNNING:
         return 0
     ids = list(resigning.remaining(batch).order_by("pk").values_list("pk", flat=True))
-    for chunk in chunks(ids):
+    for chunk in resigning.chunks(ids):  # resigning.CHUNK signatures per message
         resign_chunk.delay(batch_id, chunk)
     return len(ids)
 
@@ -83,16 +75,12 @@ def send_remaining(batch_id: str) -> int:
     retry_backoff=True,
 )
 def resign_chunk(self: Task, batch_id: str, signature_ids: list[int]) -> dict[str, int]:
-    """Re-sign these signatures of the batch; count the outcomes. Safe to run twice."""
-    outcomes: dict[str, int] = {}
-    for position, pk in enumerate(signature_ids):
-        outcome = resigning.resign_one(pk, finish=False)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        if outcome == "waiting":
-            # The backend is down: the rest would wait too. Never another key: try later.
-            raise self.retry(
-                args=[batch_id, signature_ids[position:]], countdown=BACKEND_RETRY_SECONDS
-            )
+    """Re-sign these signatures of the batch (stored together); count the outcomes. Safe to
+    run twice."""
+    outcomes, waiting = resigning.resign_many(batch_id, signature_ids)
+    if waiting:
+        # The backend is down. Never another key: try these later.
+        raise self.retry(args=[batch_id, waiting], countdown=BACKEND_RETRY_SECONDS)
     resigning.finish_if_done(batch_id)
     return outcomes
 
