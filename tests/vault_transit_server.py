@@ -41,10 +41,26 @@ Implemented (mount ``transit`` by default, plus ``sys`` and ``auth``):
   ``permission denied``; unknown or revoked: 403 ``permission denied`` + ``invalid token``
   (Vault 1.17+). While sealed, every path but health answers 503 ``Vault is sealed``.
 
+Administration, for ``deploy/vault/setup.py`` (root token only):
+
+* ``GET /v1/sys/mounts``, ``POST /v1/sys/mounts/:path`` (``type: transit``; the server's one
+  transit mount, absent until enabled when started with ``mounted=False``).
+* ``PUT|GET /v1/sys/policy/:name``: ACL policies of ``path "..." { capabilities = [...] }``
+  blocks only (anything else is refused, so a policy is never half understood).
+* ``GET /v1/sys/auth``, ``POST /v1/sys/auth/approle``; ``POST|GET
+  /v1/auth/approle/role/:name`` (``token_policies``), ``GET .../role-id``, ``POST
+  .../secret-id``. A token from logging in with such a role's credentials is held to its
+  policies, as Vault's ACL does it for exact paths and a trailing ``*``: ``read`` for GET,
+  ``create`` for a POST that creates a transit key, ``update`` for other POSTs and PUTs,
+  ``delete`` for DELETE; anything else answers 403 ``permission denied``. The default
+  policy's ``auth/token/lookup-self`` is allowed.
+
 Not implemented (answered 400/404/405 with a message saying so, never faked): other key
 types (AES, RSA, ed25519, HMAC), ``batch_input``, ``context``/derivation, key deletion,
-trim, backup/restore, import, HMAC verification, other auth methods, policies (every valid
-token may do everything), leases and token TTLs, namespaces, ``prehashed`` inputs whose
+trim, backup/restore, import, HMAC verification, other auth methods, policies for the
+built-in ``role_id``/``secret_id`` pair and the root token (they may do everything), policy
+features beyond path/capabilities (deny precedence is honoured, templating and parameter
+constraints are not), leases and token TTLs, namespaces, ``prehashed`` inputs whose
 length is not a SHA-1/SHA-2 digest size (Vault would sign those).
 """
 
@@ -53,6 +69,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import secrets
 import threading
 import time
@@ -205,8 +222,17 @@ class TransitKey:
 class VaultTransitServer:
     """In-memory Vault with one transit mount, served on 127.0.0.1 on a free port."""
 
-    def __init__(self, *, mount: str = "transit", token: str | None = None) -> None:
+    def __init__(
+        self, *, mount: str = "transit", token: str | None = None, mounted: bool = True
+    ) -> None:
         self.mount = mount
+        self.mounted = mounted
+        self.policies: dict[str, str] = {}
+        self.approle_enabled = False
+        #: role name -> {"role_id", "secret_ids", "policies"}
+        self.roles: dict[str, dict[str, Any]] = {}
+        #: tokens issued to an AppRole role: held to these policies (others may do everything)
+        self.token_policies: dict[str, list[str]] = {}
         self.token = token or "hvs." + secrets.token_urlsafe(18)
         self.role_id = str(uuid.uuid4())
         self.secret_id = str(uuid.uuid4())
@@ -283,9 +309,13 @@ class VaultTransitServer:
                 return 200, self._login(body)
             self._check_token(token)
             if path == "auth/token/lookup-self" and method == "GET":
-                return 200, _envelope({"accessor": "test", "policies": ["root"], "ttl": 0})
+                policies = self.token_policies.get(token, ["root"])
+                return 200, _envelope({"accessor": "test", "policies": policies, "ttl": 0})
+            self._authorize(token, method, path)
+            if path.startswith(("sys/", "auth/approle/role/")):
+                return self._admin(method, path, body)
             prefix = self.mount + "/"
-            if not path.startswith(prefix):
+            if not path.startswith(prefix) or not self.mounted:
                 raise VaultError(404, f'no handler for route "{path}". route entry not found.')
             return 200, _envelope(*self._transit(method, path.removeprefix(prefix), body))
 
@@ -313,12 +343,23 @@ class VaultTransitServer:
     def _login(self, body: dict[str, Any]) -> dict[str, Any]:
         if not body.get("role_id"):
             raise VaultError(400, _multierror("invalid credentials"))
-        if body.get("role_id") != self.role_id or body.get("secret_id") != self.secret_id:
-            raise VaultError(400, "invalid role or secret ID")
         token = "hvs." + secrets.token_urlsafe(18)
+        policies = ["default", "modelsign"]
+        role = next(
+            (
+                r
+                for r in self.roles.values()
+                if self.approle_enabled and r["role_id"] == body["role_id"]
+            ),
+            None,
+        )
+        if role is not None and body.get("secret_id") in role["secret_ids"]:
+            policies = ["default", *role["policies"]]
+            self.token_policies[token] = policies
+        elif body.get("role_id") != self.role_id or body.get("secret_id") != self.secret_id:
+            raise VaultError(400, "invalid role or secret ID")
         self.tokens.add(token)
         self.logins += 1
-        policies = ["default", "modelsign"]
         auth = {
             "client_token": token,
             "accessor": secrets.token_urlsafe(12),
@@ -337,6 +378,105 @@ class VaultTransitServer:
             raise VaultError(403, "permission denied")
         if token not in self.tokens:
             raise VaultError(403, _multierror("permission denied", "invalid token"))
+
+    def _authorize(self, token: str, method: str, path: str) -> None:
+        """Vault's ACL check, for tokens issued to an AppRole role with policies."""
+        names = self.token_policies.get(token)
+        if names is None:
+            return
+        if method in ("GET", "HEAD"):
+            needed = "read"
+        elif method == "DELETE":
+            needed = "delete"
+        else:
+            creating = path.startswith(f"{self.mount}/keys/") and path.count("/") == 2
+            needed = "create" if creating and path.rsplit("/", 1)[1] not in self.keys else "update"
+        granted: set[str] = set()
+        for name in names:
+            for pattern, capabilities in _parse_policy(self.policies.get(name, "")):
+                matches = (
+                    path.startswith(pattern[:-1]) if pattern.endswith("*") else path == pattern
+                )
+                if matches:
+                    granted |= set(capabilities)
+        if needed not in granted or "deny" in granted:
+            raise VaultError(403, _multierror("permission denied"))
+
+    def _admin(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        segs = path.split("/")
+        post = method in ("POST", "PUT")
+        match segs:
+            case ["sys", "mounts"] if method == "GET":
+                mounts = {"sys/": {"type": "system"}}
+                if self.mounted:
+                    mounts[self.mount + "/"] = {"type": "transit", "options": None}
+                return 200, {**mounts, **_envelope(mounts)}
+            case ["sys", "mounts", *where] if post:
+                return self._enable_transit("/".join(where), body)
+            case ["sys", "policy", name] if post:
+                _parse_policy(str(body.get("policy") or body.get("rules") or ""), strict=True)
+                self.policies[name] = str(body.get("policy") or body.get("rules"))
+                return 204, None
+            case ["sys", "policy", name] if method == "GET":
+                if name not in self.policies:
+                    raise VaultError(404)
+                rules = {"name": name, "rules": self.policies[name]}
+                return 200, {**rules, **_envelope(rules)}
+            case ["sys", "auth"] if method == "GET":
+                methods = {"token/": {"type": "token"}}
+                if self.approle_enabled:
+                    methods["approle/"] = {"type": "approle"}
+                return 200, {**methods, **_envelope(methods)}
+            case ["sys", "auth", "approle"] if post:
+                if body.get("type") != "approle":
+                    raise VaultError(400, "only the approle auth method is implemented")
+                if self.approle_enabled:
+                    raise VaultError(400, "path is already in use at approle/")
+                self.approle_enabled = True
+                return 204, None
+            case ["auth", "approle", "role", name, *rest] if self.approle_enabled:
+                return self._approle(method, name, rest, body)
+        raise VaultError(404, _multierror(f"unsupported path {path}"))
+
+    def _enable_transit(self, where: str, body: dict[str, Any]) -> tuple[int, Any]:
+        if body.get("type") != "transit":
+            raise VaultError(400, "only the transit secrets engine is implemented")
+        if where.strip("/") != self.mount:
+            raise VaultError(400, f"this test server has one transit mount: {self.mount}")
+        if self.mounted:
+            raise VaultError(400, f"path is already in use at {self.mount}/")
+        self.mounted = True
+        return 204, None
+
+    def _approle(
+        self, method: str, name: str, rest: list[str], body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        if not rest and method in ("POST", "PUT"):
+            policies = body.get("token_policies") or body.get("policies") or []
+            if isinstance(policies, str):
+                policies = [p.strip() for p in policies.split(",") if p.strip()]
+            role = self.roles.setdefault(
+                name, {"role_id": str(uuid.uuid4()), "secret_ids": set(), "policies": []}
+            )
+            role["policies"] = list(policies)
+            return 204, None
+        role = self.roles.get(name)
+        if role is None:
+            raise VaultError(400, f"role {name} does not exist")
+        if not rest and method == "GET":
+            return 200, _envelope({"token_policies": role["policies"]})
+        if rest == ["role-id"] and method == "GET":
+            return 200, _envelope({"role_id": role["role_id"]})
+        if rest == ["secret-id"] and method in ("POST", "PUT"):
+            secret_id = str(uuid.uuid4())
+            role["secret_ids"].add(secret_id)
+            data = {
+                "secret_id": secret_id,
+                "secret_id_accessor": str(uuid.uuid4()),
+                "secret_id_ttl": 0,
+            }
+            return 200, _envelope(data)
+        raise VaultError(405, _multierror("unsupported operation"))
 
     def _transit(
         self, method: str, path: str, body: dict[str, Any]
@@ -408,6 +548,26 @@ class VaultTransitServer:
         key = self._key(name, missing=400, message="signature verification key not found")
         digest = _digest(body, hash_name, "input")
         return {"valid": _verify(key, str(body["signature"]), digest, marshaling)}
+
+
+_POLICY_BLOCK = re.compile(
+    r'path\s+"([^"]+)"\s*\{\s*capabilities\s*=\s*\[([^\]]*)\]\s*\}', re.MULTILINE
+)
+_CAPABILITIES = {"create", "read", "update", "patch", "delete", "list", "sudo", "deny"}
+
+
+def _parse_policy(text: str, *, strict: bool = False) -> list[tuple[str, list[str]]]:
+    """The ``path`` blocks of an HCL ACL policy; with ``strict``, refuse anything else."""
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    rules = []
+    for pattern, caps in _POLICY_BLOCK.findall(body):
+        capabilities = [c.strip().strip('"') for c in caps.split(",") if c.strip()]
+        if strict and not set(capabilities) <= _CAPABILITIES:
+            raise VaultError(400, f"unknown capabilities in {pattern!r}: {capabilities}")
+        rules.append((pattern, capabilities))
+    if strict and (not rules or _POLICY_BLOCK.sub("", body).strip()):
+        raise VaultError(400, "the test server understands only path/capabilities blocks")
+    return rules
 
 
 def _envelope(data: Any, warnings: list[str] | None = None) -> dict[str, Any]:
@@ -620,7 +780,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = self.vault.handle(method, self.path, self._body(), token)
         except VaultError as exc:
             status, payload = exc.status, {"errors": exc.errors}
-        data = json.dumps(payload).encode("utf-8")
+        data = b"" if status == 204 else json.dumps(payload).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
