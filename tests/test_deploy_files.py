@@ -393,6 +393,8 @@ def test_pods_run_as_non_root_on_a_read_only_root_with_emptydirs_where_they_writ
     for name, spec in pod_specs().items():
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         assert spec["automountServiceAccountToken"] is False, name
+        if any(v.get("secret", {}).get("defaultMode") == 0o440 for v in spec["volumes"]):
+            assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
         volumes = {v["name"]: v for v in spec["volumes"]}
         for container in spec["containers"]:
             security = container["securityContext"]
