@@ -325,7 +325,7 @@ def resign_many(batch_id: Any, signature_ids: list[int]) -> tuple[dict[str, int]
     ids that wait are those left when the key backend became unavailable (not counted as
     attempts); try them again later. Finishing the batch is left to the caller.
     """
-    batch = ResignBatch.objects.select_related("new_key").filter(pk=batch_id).first()
+    batch = ResignBatch.objects.select_related("old_key", "new_key").filter(pk=batch_id).first()
     refused = _refuse_chunk(batch)
     if refused:
         return {refused: len(signature_ids)}, []
@@ -399,9 +399,13 @@ def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str]
     outcomes: Counter[str] = Counter()
     sigs = list(
         Signature.objects.filter(pk__in=claimed)
-        .select_related("key", "request", "request__provenance")  # no query per statement
+        .select_related("request", "request__provenance")  # no query per statement
+        .defer("bundle")  # only the old bundle's digest goes into the new statement
         .order_by("pk")
     )
+    for sig in sigs:
+        if sig.key_id == batch.old_key_id:
+            sig.key = batch.old_key  # the batch's signatures are the old key's: one object
     outcomes["done"] += len(claimed) - len(sigs)
     built: list[tuple[Signature, _Built, str]] = []
     waiting: list[int] = []
