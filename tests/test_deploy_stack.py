@@ -251,6 +251,12 @@ def test_compose_stack_signs_a_model_that_model_signing_verifies(
     token = stack.run("init", "manage", "create_api_token", "ml-platform-ci@company.com",
                       "--authority", "staging").strip()  # fmt: skip
     assert wait_http(stack.port, "/readyz", [web, worker], 30) == 200, stack.log("web")
+    # What the image's HEALTHCHECK and the worker's liveness probe run, beside the signing.
+    worker_health = subprocess.Popen(
+        [str(ENTRYPOINT), "healthcheck"], env=stack.env("worker"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    stack.run("web", "healthcheck")
 
     model = write_model(tmp_path / "my-model", {"config.json": b'{"layers": 2}',
                                                 "weights/part-0.bin": os.urandom(4096)})  # fmt: skip
@@ -275,6 +281,7 @@ def test_compose_stack_signs_a_model_that_model_signing_verifies(
     assert "sign_request" in stack.log("worker"), stack.log("worker")
     (model / "config.json").write_bytes(b'{"layers": 3}')
     assert model_signing_verify(model, signature, pem).returncode != 0
+    assert worker_health.wait(60) == 0, worker_health.communicate()[0]
     print(f"compose stand-in: signed and verified in {time.monotonic() - started:.1f} s")
 
 
