@@ -86,6 +86,7 @@ class Stack:
         env["REDIS_URL"] = self.redis_url
         if "BIND" in env:
             env["BIND"] = f"127.0.0.1:{self.port}"
+            env["WEB_CONCURRENCY"] = "2"  # this machine's cores, not a server's
         if "WORKER_METRICS_LISTEN" in env:
             env["WORKER_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
         # The image's own ENV (Dockerfile) and what a root test run needs (celery refuses root).
