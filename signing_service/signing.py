@@ -11,6 +11,7 @@ it never falls back to another key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -231,15 +232,25 @@ def submit(
         existing = _replay(principal, idempotency_key, digest)
         if existing is not None:
             return existing, False
+    # Signed right here (key-based, no approval, inline): the request is stored already
+    # claimed for this signer, and signed from the object just stored (no claim UPDATE,
+    # no re-read). Otherwise it is stored approved and claimed like any other.
+    sign_now = (
+        authority.backend != "sigstore"
+        and not authority.requires_approval
+        and settings.SIGNING_MODE != "worker"
+    )
     try:
-        req = _create(principal, authority, sub, digest, idempotency_key)
+        req = _create(principal, authority, sub, digest, idempotency_key, claimed=sign_now)
     except IntegrityError:
         # A concurrent retry with the same key won the insert; answer with its request.
         existing = _replay(principal, idempotency_key or "", digest)
         if existing is None:
             raise
         return existing, False
-    if req.state == RequestState.APPROVED:
+    if req.state == RequestState.SIGNING:
+        req = _sign_claimed(req)
+    elif req.state == RequestState.APPROVED:
         if authority.backend == "sigstore":
             req = sign_keyless(req.pk, authority, sub.identity_token or "")
         else:
@@ -296,11 +307,23 @@ def _replay(principal: Principal, key: str, digest: str) -> SigningRequest | Non
 
 
 def _create(
-    principal: Principal, authority: Authority, sub: Submission, digest: str, key: str | None
+    principal: Principal,
+    authority: Authority,
+    sub: Submission,
+    digest: str,
+    key: str | None,
+    *,
+    claimed: bool = False,
 ) -> SigningRequest:
+    """Store the request and its audit record. ``claimed``: approved (no approval needed) and
+    stored in ``signing``, taken by the caller, which signs it next (see :func:`submit`)."""
     policy = current_policy()
     now = timezone.now()
     needs_approval = authority.requires_approval
+    if needs_approval:
+        state = RequestState.PENDING_APPROVAL
+    else:
+        state = RequestState.SIGNING if claimed else RequestState.APPROVED
     req = SigningRequest(
         authority=authority.name,
         model_name=sub.model,
@@ -309,7 +332,7 @@ def _create(
         ignore_paths=sorted(set(sub.ignore_paths)),
         policy_digest=policy.digest,
         required_approvals=authority.approval_count,
-        state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
+        state=state,
         requester=principal.identity,
         actor=principal.actor or sub.ci.get("actor", ""),
         # What the verified token says wins over what the job claims about itself.
@@ -322,9 +345,8 @@ def _create(
         if needs_approval
         else None,
     )
-    req.root_digest = bundle.build_statement(sub.model, sub.resources)["subject"][0]["digest"][
-        "sha256"
-    ]
+    # The statement's subject digest (build_statement's), without building a statement.
+    req.root_digest = root_digest(sort_resources(sub.resources))
     record = None
     if sub.provenance is not None:
         record = ProvenanceRecord.for_submission(req, sub.provenance)
@@ -346,7 +368,8 @@ def _create(
                 "statement_digest": req.statement_digest,
                 "resources": len(sub.resources),
                 "token": principal.token.token_id if principal.token else None,
-                "state": req.state,
+                # What the policy decided; a claimed request is approved and being signed.
+                "state": RequestState.APPROVED if claimed else req.state,
             }
             | _oidc_audit(principal)
             | _provenance_audit(record),
@@ -416,6 +439,11 @@ def sign(request_id: Any) -> SigningRequest:
     req = SigningRequest.objects.select_related("provenance").get(pk=request_id)
     if not claimed:
         return req  # someone else claimed it, or it is not approved
+    return _sign_claimed(req)
+
+
+def _sign_claimed(req: SigningRequest) -> SigningRequest:
+    """Sign a request this caller moved to ``signing``; store, wait or fail it."""
     try:
         key = _check_before_signing(req)
         backend = backend_for(key)
@@ -526,9 +554,15 @@ def _ensure_usable(backend: KeyBackend, key: SigningKey) -> None:
         _usable_checked.add(key.pk)
 
 
+@functools.lru_cache(maxsize=64)
+def _public_key(pem: str) -> ec.EllipticCurvePublicKey:
+    """Parsed once per process and PEM (the key row's text is what is checked against)."""
+    return bundle.load_public_key(pem)
+
+
 def _check_signature(key: SigningKey, payload: bytes, der: bytes) -> None:
     """Fail closed if the backend signed with a key other than the one on record."""
-    public = bundle.load_public_key(key.public_key_pem)
+    public = _public_key(key.public_key_pem)
     try:
         public.verify(der, bundle.pae(payload), ec.ECDSA(bundle.curve_hash(public)))
     except InvalidSignature:
@@ -603,6 +637,12 @@ def _record_signature(
                 payload_digest=bundle.payload_digest(payload),
                 signed_at=now,
             )
+            moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
+                state=RequestState.SIGNED, signed_at=now, updated_at=now, waiting_reason=""
+            )
+            if moved != 1:
+                raise IntegrityError("request left the signing state while it was being signed")
+            # The audit head is every writer's lock: taken last, held only until the commit.
             audit.record(
                 "signing-service",
                 "signature.issued",
@@ -622,14 +662,18 @@ def _record_signature(
                 if record is None:
                     raise IntegrityError("the request's provenance disappeared while it was signed")
                 record.record_signature(key, provenance_bundle, now)
-            moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
-                state=RequestState.SIGNED, signed_at=now, updated_at=now, waiting_reason=""
-            )
-            if moved != 1:
-                raise IntegrityError("request left the signing state while it was being signed")
     except IntegrityError:
-        pass  # already signed by this key, or taken away: the stored state is the truth
-    return SigningRequest.objects.select_related("provenance").get(pk=req.pk)
+        # Already signed by this key, or taken away: the stored state is the truth.
+        return SigningRequest.objects.select_related("provenance").get(pk=req.pk)
+    if provenance_bundle is not None:
+        return SigningRequest.objects.select_related("provenance").get(pk=req.pk)
+    # Committed: the row is ``req`` with exactly the fields the UPDATE above set, and its
+    # one valid signature is ``sig`` (no re-read, the caller answers with them).
+    req.state, req.signed_at, req.updated_at, req.waiting_reason = (
+        RequestState.SIGNED, now, now, "",
+    )  # fmt: skip
+    req.remember_valid_signature(sig)
+    return req
 
 
 def _wait(req: SigningRequest, reason: str) -> SigningRequest:

@@ -117,6 +117,10 @@ def absolute(request: Request, path: str) -> str:
     return f"{base}{path}" if base else request.build_absolute_uri(path)
 
 
+#: Renders like every DateTimeField of the API (settings' format, current time zone).
+_DATETIME = serializers.DateTimeField()
+
+
 class KeySummarySerializer(serializers.ModelSerializer):
     class Meta:
         model = SigningKey
@@ -141,6 +145,38 @@ class SigningRequestSerializer(serializers.ModelSerializer):
             "failure_reason", "waiting_reason", "created_at", "updated_at", "expires_at", "signed_at", "links",
         ]  # fmt: skip
 
+    def to_representation(self, instance: SigningRequest) -> dict[str, Any]:
+        """The fields above, in their order, exactly as DRF renders them, without DRF
+        building a ModelSerializer's fields for every instance (model introspection and a
+        deep copy per response: a sixth of a signing request's CPU). The schema still comes
+        from the declarations above; ``tests/test_api_representation.py`` pins this to
+        DRF's own rendering of them."""
+        obj = instance
+        when = _DATETIME.to_representation
+        return {
+            "id": str(obj.id),
+            "state": str(obj.state),
+            "model": str(obj.model_name),
+            "version": str(obj.model_version),
+            "environment": str(obj.authority),
+            "requester": str(obj.requester),
+            "actor": str(obj.actor),
+            "ci": obj.ci,
+            "root_digest": str(obj.root_digest),
+            "statement_digest": str(obj.statement_digest),
+            "resource_count": self.get_resource_count(obj),
+            "approvals": self.get_approvals(obj),
+            "key": self.get_key(obj),
+            "provenance": self.get_provenance(obj),
+            "failure_reason": str(obj.failure_reason),
+            "waiting_reason": str(obj.waiting_reason),
+            "created_at": when(obj.created_at),
+            "updated_at": when(obj.updated_at),
+            "expires_at": None if obj.expires_at is None else when(obj.expires_at),
+            "signed_at": None if obj.signed_at is None else when(obj.signed_at),
+            "links": self.get_links(obj),
+        }
+
     def get_resource_count(self, obj: SigningRequest) -> int:
         return len(obj.resources)
 
@@ -161,7 +197,14 @@ class SigningRequestSerializer(serializers.ModelSerializer):
             return None
         if sig.key is None:  # keyless: a short-lived Fulcio certificate, not a held key
             return {"keyless": True, "signer_identity": sig.signer_identity}
-        return KeySummarySerializer(sig.key).data
+        key = sig.key  # KeySummarySerializer's fields, as it renders them
+        return {
+            "id": key.id,
+            "authority": str(key.authority),
+            "algorithm": str(key.algorithm),
+            "hint": str(key.hint),
+            "state": str(key.state),
+        }
 
     @extend_schema_field(serializers.DictField(allow_null=True))
     def get_provenance(self, obj: SigningRequest) -> dict[str, Any] | None:
