@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from approvals.groups import custodian_group, identity_of
 from approvals.services import check_fresh_otp
-from keys.backends.base import GeneratedKey
+from keys.backends.base import GeneratedKey, KeyBackendError, KeyNotUsable
 from keys.lifecycle import register_key, transition
 from keys.models import (
     CeremonyConfirmation,
@@ -41,7 +41,7 @@ from keys.models import (
     KeyState,
     SigningKey,
 )
-from keys.registry import backend_for, backend_for_authority
+from keys.registry import backend_for, backend_for_authority, vault_key_name, vault_key_variable
 from signing_service import audit
 from signing_service.policy import current_policy
 from signing_service.signing import SigningRefused
@@ -175,10 +175,20 @@ def confirm(ceremony_id: Any, user: Any, *, otp_verified_at: datetime | None) ->
                 identity_of(user), "ceremony.confirmed", target=ceremony, data=_summary(ceremony)
             )
             if ceremony.confirmations.count() >= ceremony.quorum:
-                if ceremony.purpose == CeremonyPurpose.DESTROY:
-                    _complete_destroy(ceremony, user)
-                else:
-                    _complete(ceremony, user)
+                try:
+                    if ceremony.purpose == CeremonyPurpose.DESTROY:
+                        _complete_destroy(ceremony, user)
+                    else:
+                        _complete(ceremony, user)
+                except KeyBackendError as exc:
+                    # Rolls back this confirmation too: nothing is recorded, the ceremony
+                    # stays open, and the custodian can confirm again once it is fixed.
+                    raise SigningRefused(
+                        "key_backend",
+                        f"the quorum was reached but the key backend refused: {exc}. Nothing "
+                        "was recorded and the ceremony stays open; confirm again once fixed",
+                        status=503,
+                    ) from exc
     except SigningRefused as exc:
         if exc.code == "ceremony_expired":
             _close(ceremony_id, CeremonyState.EXPIRED, "signing-service")
@@ -232,7 +242,7 @@ def _complete(ceremony: KeyCeremony, user: Any) -> None:
         .filter(authority=ceremony.authority, state=KeyState.ACTIVE)
         .first()
     )
-    generated = _new_key(backend, ceremony, previous, label)
+    generated, made = _new_key(backend, ceremony, label)
     if previous is not None:
         transition(
             previous.pk,
@@ -247,7 +257,7 @@ def _complete(ceremony: KeyCeremony, user: Any) -> None:
         ceremony.authority, backend, generated, algorithm=ceremony.algorithm, validity=authority.key_rotation,
         actor=identity_of(user), activate=True,
         transcript={"ceremony": str(ceremony.pk), "quorum": ceremony.quorum, "custodians": witnesses,
-                    "replaces": previous.hint if previous else None},
+                    "replaces": previous.hint if previous else None, **made},
     )  # fmt: skip
     ceremony.state, ceremony.key, ceremony.closed_at = CeremonyState.COMPLETED, key, timezone.now()
     ceremony.save(update_fields=["state", "key", "closed_at"])
@@ -260,21 +270,40 @@ def _complete(ceremony: KeyCeremony, user: Any) -> None:
 
 
 def _new_key(
-    backend: Any, ceremony: KeyCeremony, previous: SigningKey | None, label: str
-) -> GeneratedKey:
-    """A new HSM key; in Vault, a new version of the transit key the previous key pinned.
+    backend: Any, ceremony: KeyCeremony, label: str
+) -> tuple[GeneratedKey, dict[str, Any]]:
+    """A new HSM key; in Vault, a new version of the authority's transit key.
 
-    Rotating in Vault raises min_encryption_version, so the previous version stops signing
-    there too, while its signatures keep verifying with its recorded public key.
+    Returns the key and what the audit transcript says about how it was made.
     """
-    if (
-        ceremony.backend == KeyBackendName.VAULT
-        and previous is not None
-        and previous.backend == KeyBackendName.VAULT
-    ):
-        ref = backend.rotate(previous.key_ref)
-        return GeneratedKey(key_ref=ref, public_key=backend.public_key(ref))
-    return backend.generate(label, ceremony.algorithm)
+    if ceremony.backend != KeyBackendName.VAULT:
+        return backend.generate(label, ceremony.algorithm), {}
+    return _new_vault_key(backend, ceremony)
+
+
+def _new_vault_key(backend: Any, ceremony: KeyCeremony) -> tuple[GeneratedKey, dict[str, Any]]:
+    """The version of ``VAULT_KEY_<AUTHORITY>`` this ceremony pins, made at the quorum.
+
+    Created if the transit key does not exist; adopted by rotating it if nothing pins it yet
+    (an administrator made it with deploy/vault/setup.py); rotated if earlier keys pinned it.
+    Rotating raises min_encryption_version, so older versions stop signing in Vault too, while
+    their signatures keep verifying with their recorded public keys.
+    """
+    name = vault_key_name(ceremony.authority)
+    pins = SigningKey.objects.filter(
+        backend=KeyBackendName.VAULT, key_ref__name=name, key_ref__mount=backend.mount
+    )
+    others = sorted(
+        set(pins.exclude(authority=ceremony.authority).values_list("authority", flat=True))
+    )
+    if others:
+        raise KeyNotUsable(
+            f"transit key {name!r} (mount {backend.mount!r}) is pinned by keys of "
+            f"{', '.join(map(repr, others))}: give each authority its own transit key "
+            f"({vault_key_variable(ceremony.authority)})"
+        )
+    generated, facts = backend.ceremony_key(name, ceremony.algorithm, pinned=pins.exists())
+    return generated, {"vault": facts}
 
 
 def _complete_destroy(ceremony: KeyCeremony, user: Any) -> None:

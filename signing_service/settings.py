@@ -201,10 +201,15 @@ AUDIT_CHECKPOINT_INTERVAL_SECONDS = env_int(
     "AUDIT_CHECKPOINT_INTERVAL_SECONDS", 3600, minimum=60, maximum=7 * 86400
 )
 #: Vault transit: token from VAULT_TOKEN_FILE, or AppRole (VAULT_ROLE_ID + VAULT_SECRET_ID_FILE).
+#: Transit key per authority: VAULT_KEY_<AUTHORITY>, default ``modelsign-<authority>``.
 VAULT_ADDR = env_str("VAULT_ADDR", "")
 VAULT_TRANSIT_MOUNT = env_str("VAULT_TRANSIT_MOUNT", "transit")
 VAULT_CACERT = env_str("VAULT_CACERT", "")
 VAULT_ROLE_ID = env_str("VAULT_ROLE_ID", "")
+#: Key ceremonies (create, rotate, raise min_encryption_version) use their own credential when
+#: one is set: VAULT_CEREMONY_TOKEN_FILE, or AppRole VAULT_CEREMONY_ROLE_ID +
+#: VAULT_CEREMONY_SECRET_ID_FILE; given only to the web and the key_ceremony runner.
+VAULT_CEREMONY_ROLE_ID = env_str("VAULT_CEREMONY_ROLE_ID", "")
 #: Keyless authorities: a private Sigstore instance's ClientTrustConfig JSON, or public-good.
 SIGSTORE_TRUST_CONFIG = env_str("SIGSTORE_TRUST_CONFIG", "")
 SIGSTORE_STAGING = env_bool("SIGSTORE_STAGING", False)

@@ -53,7 +53,8 @@ def setup(
     admin.write_text(vault.token + "\n")
     return subprocess.run(
         [sys.executable, str(SETUP), "--addr", vault.url, "--admin-token-file", str(admin),
-         "--secret-id-out", str(tmp_path / "secret_id"), *args],
+         "--secret-id-out", str(tmp_path / "secret_id"),
+         "--ceremony-secret-id-out", str(tmp_path / "ceremony_secret_id"), *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -74,8 +75,8 @@ def test_setup_prepares_vault_and_the_service_signs_with_only_that(
     assert (tmp_path / "secret_id").stat().st_mode & 0o777 == 0o600
     key = vault.keys["modelsign-staging"]
     assert (key.type, key.exportable, key.allow_plaintext_backup) == ("ecdsa-p256", False, False)
-    assert vault.policies["modelsign"] == POLICY.read_text()
-    assert vault.roles["modelsign"]["policies"] == ["modelsign"]
+    assert vault.policies["modelsign-staging"] == POLICY.read_text()
+    assert vault.roles["modelsign"]["policies"] == ["modelsign-staging"]
 
     # The service's own backend, with the AppRole setup made: it reads and signs.
     backend = VaultTransitBackend(
@@ -130,7 +131,7 @@ def test_another_mount_and_key_get_a_policy_for_them(
     vault.mount = "signing"
     done = setup(vault, tmp_path, "--mount", "signing", "--key", "ml-staging")
     assert done.returncode == 0, done.stderr
-    assert sorted(_parse_policy(vault.policies["modelsign"])) == sorted(
+    assert sorted(_parse_policy(vault.policies["modelsign-staging"])) == sorted(
         [
             ("signing/sign/ml-staging", ["update"]),
             ("signing/verify/ml-staging", ["update"]),
@@ -150,7 +151,7 @@ def test_an_exportable_key_of_that_name_is_refused(
     done = setup(vault, tmp_path)
     assert done.returncode == 1
     assert "transit key 'modelsign-staging' exists but is exportable: not usable" in done.stderr
-    assert "modelsign" not in vault.policies and not (tmp_path / "secret_id").exists()
+    assert vault.policies == {} and not (tmp_path / "secret_id").exists()
 
 
 def test_a_bad_key_name_is_refused_before_anything_is_sent(

@@ -423,7 +423,7 @@ def test_on_vault_the_rotation_ceremony_pins_a_new_transit_key_version(
         try:
             backend = registry.vault_backend()
             old = register_key(
-                "staging", backend, backend.generate("staging-2026"), algorithm="ECDSA-P256",
+                "staging", backend, backend.generate("modelsign-staging"), algorithm="ECDSA-P256",
                 validity=timedelta(days=91), actor="tests", activate=True,
             )  # fmt: skip
             assert old.not_after is not None

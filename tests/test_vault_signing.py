@@ -32,7 +32,7 @@ def vault_staging(
     registry.reset()
     backend = registry.vault_backend()
     key = register_key(
-        "staging", backend, backend.generate("staging-2026"), algorithm="ECDSA-P256",
+        "staging", backend, backend.generate("modelsign-staging"), algorithm="ECDSA-P256",
         validity=timedelta(days=91), actor="tests", activate=True,
     )  # fmt: skip
     yield key

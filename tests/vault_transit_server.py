@@ -52,15 +52,19 @@ Administration, for ``deploy/vault/setup.py`` (root token only):
   .../secret-id``. A token from logging in with such a role's credentials is held to its
   policies, as Vault's ACL does it for exact paths and a trailing ``*``: ``read`` for GET,
   ``create`` for a POST that creates a transit key, ``update`` for other POSTs and PUTs,
-  ``delete`` for DELETE; anything else answers 403 ``permission denied``. The default
-  policy's ``auth/token/lookup-self`` is allowed.
+  ``delete`` for DELETE; anything else answers 403 ``permission denied``. A block's
+  ``allowed_parameters`` hold a create or update to the parameters it lists (any other is
+  refused) and to the values listed for each (``[]``: any value), compared as Vault does
+  (``vault/acl.go``: strings glob, other JSON values must be equal and of the same type).
+  The default policy's ``auth/token/lookup-self`` is allowed.
 
 Not implemented (answered 400/404/405 with a message saying so, never faked): other key
 types (AES, RSA, ed25519, HMAC), ``batch_input``, ``context``/derivation, key deletion,
 trim, backup/restore, import, HMAC verification, other auth methods, policies for the
 built-in ``role_id``/``secret_id`` pair and the root token (they may do everything), policy
-features beyond path/capabilities (deny precedence is honoured, templating and parameter
-constraints are not), leases and token TTLs, namespaces, ``prehashed`` inputs whose
+features beyond path, capabilities and ``allowed_parameters`` (deny precedence is honoured;
+templating, ``+`` globs, ``denied_parameters`` and ``required_parameters`` are not), leases and
+token TTLs, namespaces, ``prehashed`` inputs whose
 length is not a SHA-1/SHA-2 digest size (Vault would sign those).
 """
 
@@ -68,6 +72,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import json
 import re
 import secrets
@@ -311,7 +316,7 @@ class VaultTransitServer:
             if path == "auth/token/lookup-self" and method == "GET":
                 policies = self.token_policies.get(token, ["root"])
                 return 200, _envelope({"accessor": "test", "policies": policies, "ttl": 0})
-            self._authorize(token, method, path)
+            self._authorize(token, method, path, body)
             if path.startswith(("sys/", "auth/approle/role/")):
                 return self._admin(method, path, body)
             prefix = self.mount + "/"
@@ -379,7 +384,7 @@ class VaultTransitServer:
         if token not in self.tokens:
             raise VaultError(403, _multierror("permission denied", "invalid token"))
 
-    def _authorize(self, token: str, method: str, path: str) -> None:
+    def _authorize(self, token: str, method: str, path: str, body: dict[str, Any]) -> None:
         """Vault's ACL check, for tokens issued to an AppRole role with policies."""
         names = self.token_policies.get(token)
         if names is None:
@@ -392,15 +397,29 @@ class VaultTransitServer:
             creating = path.startswith(f"{self.mount}/keys/") and path.count("/") == 2
             needed = "create" if creating and path.rsplit("/", 1)[1] not in self.keys else "update"
         granted: set[str] = set()
+        # Parameter constraints of the rules that grant the capability: merged as Vault
+        # merges policies (a rule without constraints lifts them all).
+        constraints: list[dict[str, list[Any]] | None] = []
         for name in names:
-            for pattern, capabilities in _parse_policy(self.policies.get(name, "")):
+            for rule in _policy_rules(self.policies.get(name, "")):
+                pattern = rule.pattern
                 matches = (
                     path.startswith(pattern[:-1]) if pattern.endswith("*") else path == pattern
                 )
                 if matches:
-                    granted |= set(capabilities)
+                    granted |= set(rule.capabilities)
+                    if needed in rule.capabilities:
+                        constraints.append(rule.allowed_parameters)
         if needed not in granted or "deny" in granted:
             raise VaultError(403, _multierror("permission denied"))
+        if needed in ("create", "update") and None not in constraints:
+            merged: dict[str, list[Any]] = {}
+            for allowed in constraints:
+                for param, values in (allowed or {}).items():
+                    known = merged.get(param)
+                    merged[param] = [] if known == [] or not values else [*(known or []), *values]
+            if not _parameters_allowed(body, merged):
+                raise VaultError(403, _multierror("permission denied"))
 
     def _admin(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         segs = path.split("/")
@@ -461,6 +480,8 @@ class VaultTransitServer:
             role["policies"] = list(policies)
             return 204, None
         role = self.roles.get(name)
+        if role is None and not rest and method == "GET":
+            raise VaultError(404)  # Vault: a read of a missing role is a 404, errors []
         if role is None:
             raise VaultError(400, f"role {name} does not exist")
         if not rest and method == "GET":
@@ -550,24 +571,82 @@ class VaultTransitServer:
         return {"valid": _verify(key, str(body["signature"]), digest, marshaling)}
 
 
+_PARAMETER = r'"?([A-Za-z0-9_*]+)"?\s*=\s*\[([^\]]*)\]'
 _POLICY_BLOCK = re.compile(
-    r'path\s+"([^"]+)"\s*\{\s*capabilities\s*=\s*\[([^\]]*)\]\s*\}', re.MULTILINE
+    r'path\s+"([^"]+)"\s*\{\s*capabilities\s*=\s*\[([^\]]*)\]\s*'
+    r"(?:allowed_parameters\s*=\s*\{((?:\s*" + _PARAMETER + r"\s*)*)\}\s*)?\}",
+    re.MULTILINE,
 )
 _CAPABILITIES = {"create", "read", "update", "patch", "delete", "list", "sudo", "deny"}
 
 
-def _parse_policy(text: str, *, strict: bool = False) -> list[tuple[str, list[str]]]:
+@dataclass(frozen=True)
+class PolicyRule:
+    """One ``path`` block: its capabilities and, if given, its ``allowed_parameters``."""
+
+    pattern: str
+    capabilities: list[str]
+    #: None: any parameter; else lower-case name -> allowed values ([] allows any value).
+    allowed_parameters: dict[str, list[Any]] | None = None
+
+
+def _policy_rules(text: str, *, strict: bool = False) -> list[PolicyRule]:
     """The ``path`` blocks of an HCL ACL policy; with ``strict``, refuse anything else."""
     body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     rules = []
-    for pattern, caps in _POLICY_BLOCK.findall(body):
+    for match in _POLICY_BLOCK.finditer(body):
+        pattern, caps, params = match.group(1), match.group(2), match.group(3)
         capabilities = [c.strip().strip('"') for c in caps.split(",") if c.strip()]
         if strict and not set(capabilities) <= _CAPABILITIES:
             raise VaultError(400, f"unknown capabilities in {pattern!r}: {capabilities}")
-        rules.append((pattern, capabilities))
+        allowed = {
+            name.lower(): [_hcl_value(v) for v in values.split(",") if v.strip()]
+            for name, values in re.findall(_PARAMETER, params or "")
+        } or None  # as in Vault, an empty map constrains nothing
+        rules.append(PolicyRule(pattern, capabilities, allowed))
     if strict and (not rules or _POLICY_BLOCK.sub("", body).strip()):
-        raise VaultError(400, "the test server understands only path/capabilities blocks")
+        raise VaultError(
+            400, "the test server understands only path blocks of capabilities and "
+            "allowed_parameters",
+        )  # fmt: skip
     return rules
+
+
+def _parse_policy(text: str, *, strict: bool = False) -> list[tuple[str, list[str]]]:
+    """(path, capabilities) of each ``path`` block of an HCL ACL policy."""
+    return [(r.pattern, r.capabilities) for r in _policy_rules(text, strict=strict)]
+
+
+def _hcl_value(text: str) -> Any:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return int(text)
+    except ValueError:
+        raise VaultError(400, f"cannot parse the policy value {text!r}") from None
+
+
+def _parameters_allowed(body: dict[str, Any], allowed: dict[str, list[Any]]) -> bool:
+    """Vault's ACL check of a request's parameters against ``allowed_parameters``
+    (``vault/acl.go``): every parameter must be listed (or ``*``), with one of the listed
+    values (an empty list allows any); strings may glob with ``*``, other values must be
+    equal and of the same JSON type (the string "false" is not the boolean false)."""
+    for name, value in body.items():
+        values = allowed.get(name.lower(), allowed.get("*"))
+        if values is None:
+            return False
+        if values and not any(_value_matches(value, v) for v in values):
+            return False
+    return True
+
+
+def _value_matches(value: Any, listed: Any) -> bool:
+    if isinstance(value, str) and isinstance(listed, str):
+        return fnmatch.fnmatchcase(value, listed.replace("[", "[[]"))
+    return type(value) is type(listed) and value == listed
 
 
 def _envelope(data: Any, warnings: list[str] | None = None) -> dict[str, Any]:

@@ -28,10 +28,14 @@ AppRole secret_id or anything Vault echoed that contains them.
 Authentication: a token, or AppRole (``role_id`` + ``secret_id``), logged in lazily on
 first use and once more when Vault answers 403 (expired or revoked token). The token is
 never taken from ``VAULT_TOKEN`` or ``~/.vault-token`` implicitly (hvac would): pass it,
-e.g. via :func:`token_from_file`. The token needs, on the transit mount, ``create`` and
-``read`` on ``keys/*``, ``update`` on ``keys/*/rotate``, ``keys/*/config`` and
-``sign/*``, and (for :meth:`~VaultTransitBackend.health`) ``read`` on
-``auth/token/lookup-self``, which Vault's default policy grants.
+e.g. via :func:`token_from_file`. Two credentials, two backend objects
+(:mod:`keys.registry`): signing needs ``update`` on ``sign/<key>`` (and ``verify/<key>``)
+and ``read`` on ``keys/<key>`` (deploy/vault/modelsign-policy.hcl); key ceremonies
+(:meth:`~VaultTransitBackend.ceremony_key`) need ``read``, ``create`` and ``update`` on
+``keys/<key>``, ``update`` on ``keys/<key>/rotate`` and on ``keys/<key>/config``, and
+nothing to sign (deploy/vault/modelsign-ceremony-policy.hcl). Both need ``read`` on
+``auth/token/lookup-self`` for :meth:`~VaultTransitBackend.health`, which Vault's default
+policy grants.
 
 Fork safety: the HTTP session (hvac's ``requests`` session and its pooled sockets) is
 per process; a forked child builds its own on first use.
@@ -250,6 +254,62 @@ class VaultTransitBackend(KeyBackend):
             ) from None
         self._load(new)
         return new.as_ref()
+
+    def ceremony_key(
+        self, name: str, algorithm: str, *, pinned: bool
+    ) -> tuple[GeneratedKey, dict[str, Any]]:
+        """The version of transit key ``name`` that a completed key ceremony pins.
+
+        * No key of that name: create it (non-exportable, no plaintext backup); its version 1
+          is generated now, at the quorum. ``case`` is ``created``.
+        * A key no ``SigningKey`` pins yet (``pinned`` false; e.g. deploy/vault/setup.py made
+          it): check it, then rotate it, so the version pinned is generated now, at the
+          quorum, and the versions made before can no longer sign. ``case`` is ``adopted``.
+        * A key earlier keys pinned: rotate it (:meth:`rotate`). ``case`` is ``rotated``.
+
+        A key of another type, exportable or allowing plaintext backup is refused before
+        anything is changed; so is a pinned key that is gone (deleted and maybe re-created:
+        its versions would not be the ones on record). Returns the key and, for the audit
+        transcript, what happened.
+        """
+        curve = _curve_for(algorithm)
+        name = _check_name(name)
+        where = f"transit key {name!r} in mount {self.mount!r} on {self._where()}"
+        existing = self._read_key(name, missing_ok=True)
+        if existing is None:
+            if pinned:
+                raise KeyNotUsable(
+                    f"{where} does not exist, but keys on record pin it: it was deleted or "
+                    "renamed; a key of that name made now would not be the one on record. "
+                    "Nothing was changed"
+                )
+            generated = self.generate(name, algorithm)
+            return generated, self._ceremony_facts("created", generated.key_ref, None)
+        problems = _policy_problems(existing, curve)
+        if problems:
+            raise KeyNotUsable(
+                f"{where} exists but is not usable: {'; '.join(problems)}. Nothing was changed "
+                "and nothing recorded; these flags can never be unset, so ask the Vault "
+                "administrator for a new key (or set VAULT_KEY_<AUTHORITY> to another name)"
+            )
+        before = _version(existing.get("latest_version"), default=0)
+        ref = self.rotate({"name": name, "version": max(before, 1), "mount": self.mount})
+        loaded = self._load(self._parse_ref(ref), expected=curve, for_signing=True)
+        generated = GeneratedKey(
+            key_ref=ref, public_key=loaded.public_key, attributes=dict(loaded.facts)
+        )
+        return generated, self._ceremony_facts("rotated" if pinned else "adopted", ref, before)
+
+    def _ceremony_facts(self, case: str, ref: KeyRef, before: int | None) -> dict[str, Any]:
+        return {
+            "case": case,
+            "vault_address": self.address,
+            "mount": self.mount,
+            "transit_key": ref["name"],
+            "version": ref["version"],
+            "latest_version_before": before,
+            "credential": "approle" if self.uses_approle else "token",
+        }
 
     def public_key(self, key_ref: KeyRef) -> ec.EllipticCurvePublicKey:
         return self._load(self._parse_ref(key_ref)).public_key
