@@ -457,3 +457,93 @@ def test_network_policy_web_ingress_and_egress_are_narrow() -> None:
     for name in pod_specs():
         owner = next(o for o in k8s_objects() if o["metadata"]["name"] == name)
         assert selector.items() <= owner["spec"]["template"]["metadata"]["labels"].items(), name
+
+
+# -- Vault: two credentials, the ceremonies' one only where ceremonies complete ------------
+
+COMPOSE_VAULT = DEPLOY / "compose" / "compose.vault.yaml"
+K8S_VAULT = K8S / "vault"
+RUNTIME_VAULT = {"VAULT_ADDR", "VAULT_ROLE_ID", "VAULT_SECRET_ID_FILE"}
+CEREMONY_VAULT = {"VAULT_CEREMONY_ROLE_ID", "VAULT_CEREMONY_SECRET_ID_FILE"}
+
+
+@cache
+def compose_vault() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_VAULT.read_text())
+
+
+def test_compose_vault_overlay_gives_the_ceremony_credential_to_web_and_init_only() -> None:
+    overlay = compose_vault()["services"]
+    assert set(overlay) <= set(services())  # it only adds to compose.yaml's services
+    assert set(overlay) == {"init", "web", "worker"}  # beat never gets a Vault credential
+    declared = compose_vault()["secrets"]
+    for name, service in overlay.items():
+        env = service["environment"]
+        assert sorted(n for n in env if not is_read(n)) == [], name
+        assert RUNTIME_VAULT <= set(env), name
+        for var, value in env.items():
+            if is_secret_file(var):
+                secret = PurePosixPath(value)
+                assert secret.parent == PurePosixPath("/run/secrets"), f"{name}: {var}"
+                assert secret.name in service["secrets"] and secret.name in declared
+        for secret in service["secrets"]:
+            assert PurePosixPath(declared[secret]["file"]).parent == PurePosixPath("secrets")
+            assert secret not in compose()["secrets"]  # no clash with compose.yaml's
+    ceremony = sorted(n for n, s in overlay.items() if CEREMONY_VAULT & set(s["environment"]))
+    assert ceremony == ["init", "web"]  # init runs `manage key_ceremony` (README)
+    assert all(CEREMONY_VAULT <= set(overlay[n]["environment"]) for n in ceremony)
+    assert overlay["worker"]["secrets"] == ["vault_secret_id"]
+    assert "VAULT_CEREMONY_TOKEN_FILE" not in COMPOSE_VAULT.read_text()
+
+
+@cache
+def k8s_vault() -> dict[str, Any]:
+    return yaml.safe_load((K8S_VAULT / "kustomization.yaml").read_text())
+
+
+def k8s_vault_patches() -> dict[str, dict[str, Any]]:
+    patches = {}
+    for patch in k8s_vault()["patches"]:
+        doc = yaml.safe_load((K8S_VAULT / patch["path"]).read_text())
+        patches[doc["metadata"]["name"]] = doc["spec"]["template"]["spec"]
+    return patches
+
+
+def test_k8s_vault_component_gives_the_ceremony_credential_to_web_only() -> None:
+    assert k8s_vault()["kind"] == "Component"
+    secrets = {
+        g["name"]: [PurePosixPath(f).name for f in g["files"]]
+        for g in k8s_vault()["secretGenerator"]
+    }
+    for generator in k8s_vault()["secretGenerator"]:
+        for f in generator["files"]:
+            assert PurePosixPath(f).parent == PurePosixPath("secrets")
+    assert (K8S_VAULT / "secrets" / ".gitignore").read_text().splitlines()[1:] == [
+        "*",
+        "!.gitignore",
+    ]
+    patches = k8s_vault_patches()
+    assert set(patches) == {"modelsign-web", "modelsign-worker"}  # never beat or init
+    base = pod_specs()
+    for name, spec in patches.items():
+        [container] = spec["containers"]
+        assert container["name"] == base[name]["containers"][0]["name"], name
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert sorted(n for n in env if not is_read(n)) == [], name
+        assert RUNTIME_VAULT <= set(env), name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert not set(volumes) & {v["name"] for v in base[name]["volumes"]}, name
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        for var, value in env.items():
+            if is_secret_file(var):
+                volume = mounts[str(PurePosixPath(value).parent)]
+                assert PurePosixPath(value).name in secrets[volume["secret"]["secretName"]]
+        given = {v["secret"]["secretName"] for v in volumes.values()}
+        assert given <= set(secrets), name
+    web_env = {e["name"] for e in patches["modelsign-web"]["containers"][0]["env"]}
+    worker = patches["modelsign-worker"]
+    assert CEREMONY_VAULT <= web_env
+    assert not CEREMONY_VAULT & {e["name"] for e in worker["containers"][0]["env"]}
+    assert {v["secret"]["secretName"] for v in worker["volumes"]} == {"modelsign-vault"}
+    # Off until the operator turns it on: the base kustomization builds without Vault files.
+    assert "components" not in kustomization()
