@@ -12,7 +12,10 @@ Rules, all enforced here for the web pages and ``manage.py key_ceremony`` alike:
   ``ceremony_quorum`` confirmations come from custodians, and it expires with the key it
   replaces rather than after CEREMONY_TTL_MINUTES;
 * the key is generated only when the quorum completes, inside the transaction that records
-  it, so an aborted, expired or killed ceremony leaves no key the service would use;
+  it, so an aborted, expired or killed ceremony leaves no key the service would use; on Vault
+  it is a new version of the authority's transit key (``VAULT_KEY_<AUTHORITY>``), created,
+  adopted by rotating it, or rotated (:func:`_new_vault_key`), with the ceremonies' own Vault
+  credential when one is set; a backend refusal at the quorum records nothing;
 * the new key becomes active; the authority's previous active key enters ``transition``;
 * only a retired or revoked key can be destroyed; destroying deletes the private key in the
   backend (PKCS#11 C_DestroyObject) and keeps its public record for verifiers and audits.
