@@ -232,25 +232,25 @@ def submit(
         existing = _replay(principal, idempotency_key, digest)
         if existing is not None:
             return existing, False
-    # Signed right here (key-based, no approval, inline): the request is stored already
-    # claimed for this signer, and signed from the object just stored (no claim UPDATE,
-    # no re-read). Otherwise it is stored approved and claimed like any other.
+    # Key-based, no approval, inline: signed before anything is stored, then the request,
+    # its signature and their audit records are stored in one transaction (see
+    # _create_signed). Otherwise the request is stored, then claimed and signed (or not).
     sign_now = (
         authority.backend != "sigstore"
         and not authority.requires_approval
         and settings.SIGNING_MODE != "worker"
     )
     try:
-        req = _create(principal, authority, sub, digest, idempotency_key, claimed=sign_now)
+        if sign_now:
+            return _create_signed(principal, authority, sub, digest, idempotency_key), True
+        req = _create(principal, authority, sub, digest, idempotency_key)
     except IntegrityError:
         # A concurrent retry with the same key won the insert; answer with its request.
         existing = _replay(principal, idempotency_key or "", digest)
         if existing is None:
             raise
         return existing, False
-    if req.state == RequestState.SIGNING:
-        req = _sign_claimed(req)
-    elif req.state == RequestState.APPROVED:
+    if req.state == RequestState.APPROVED:
         if authority.backend == "sigstore":
             req = sign_keyless(req.pk, authority, sub.identity_token or "")
         else:
@@ -307,23 +307,84 @@ def _replay(principal: Principal, key: str, digest: str) -> SigningRequest | Non
 
 
 def _create(
+    principal: Principal, authority: Authority, sub: Submission, digest: str, key: str | None
+) -> SigningRequest:
+    """Store the request and its audit record: approved, or pending approval."""
+    needs_approval = authority.requires_approval
+    state = RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED
+    req, record = _new_request(principal, authority, sub, digest, key, state)
+    with transaction.atomic():
+        _insert_request(req, record)
+        audit.record(
+            principal.identity, "signing_request.created", target=req,
+            data=_created_audit(principal, req, sub, record, state),
+        )  # fmt: skip
+    return req
+
+
+def _create_signed(
+    principal: Principal, authority: Authority, sub: Submission, digest: str, key: str | None
+) -> SigningRequest:
+    """Sign a new request, then store it signed: request, signature, the two audit records
+    (created, as approved; signature issued) and a signed provenance, in one transaction.
+
+    The HSM call holds no database lock, as in :func:`sign`, and until the commit there is
+    nothing another caller could claim: a concurrent retry with the same Idempotency-Key
+    signs too, its INSERT waits on the unique index and loses (IntegrityError, answered
+    with the first request by :func:`submit`); an unstored signature is never published.
+    Not signed now (no active key, backend down, refused): the request is stored as any
+    other and waits or fails with its reason, as :func:`sign` leaves it.
+    """
+    req, record = _new_request(principal, authority, sub, digest, key, RequestState.SIGNING)
+    try:
+        signing_key, payload, der, provenance = _signature_for(req)
+    except _NOT_SIGNED as exc:
+        with transaction.atomic():
+            _insert_request(req, record)
+            audit.record(
+                principal.identity, "signing_request.created", target=req,
+                data=_created_audit(principal, req, sub, record, RequestState.APPROVED),
+            )  # fmt: skip
+        return _not_signed(req, exc)
+    now = timezone.now()
+    req.state, req.signed_at = RequestState.SIGNED, now
+    sig = Signature(
+        request=req,
+        key=signing_key,
+        bundle=_bundle_json(signing_key, payload, der),
+        payload_digest=bundle.payload_digest(payload),
+        signed_at=now,
+    )
+    provenance_json = _bundle_json(signing_key, *provenance) if provenance else None
+    with transaction.atomic():
+        _insert_request(req, record)
+        sig.save(force_insert=True)
+        audit.record_each(
+            [
+                (principal.identity, "signing_request.created", req,
+                 _created_audit(principal, req, sub, record, RequestState.APPROVED)),
+                ("signing-service", "signature.issued", sig, _issued_audit(req, sig)),
+            ]
+        )  # fmt: skip
+        if record is not None and provenance_json is not None:
+            record.record_signature(signing_key, provenance_json, now)
+    if record is not None:
+        return SigningRequest.objects.select_related("provenance").get(pk=req.pk)
+    req.remember_valid_signature(sig)
+    return req
+
+
+def _new_request(
     principal: Principal,
     authority: Authority,
     sub: Submission,
     digest: str,
     key: str | None,
-    *,
-    claimed: bool = False,
-) -> SigningRequest:
-    """Store the request and its audit record. ``claimed``: approved (no approval needed) and
-    stored in ``signing``, taken by the caller, which signs it next (see :func:`submit`)."""
+    state: str,
+) -> tuple[SigningRequest, ProvenanceRecord | None]:
+    """The unsaved request (bound to its statement digest) and its provenance record."""
     policy = current_policy()
     now = timezone.now()
-    needs_approval = authority.requires_approval
-    if needs_approval:
-        state = RequestState.PENDING_APPROVAL
-    else:
-        state = RequestState.SIGNING if claimed else RequestState.APPROVED
     req = SigningRequest(
         authority=authority.name,
         model_name=sub.model,
@@ -342,7 +403,7 @@ def _create(
         body_digest=digest,
         created_at=now,
         expires_at=now + timedelta(hours=policy.key_management.approval_ttl_hours)
-        if needs_approval
+        if state == RequestState.PENDING_APPROVAL
         else None,
     )
     # The statement's subject digest (build_statement's), without building a statement.
@@ -353,28 +414,37 @@ def _create(
     else:
         mark_without_provenance(req)
     req.statement_digest = statement_digest(req)
-    with transaction.atomic():
-        req.save(force_insert=True)
-        if record is not None:
-            record.save(force_insert=True)
-        audit.record(
-            principal.identity,
-            "signing_request.created",
-            target=req,
-            data={
-                "authority": req.authority,
-                "model": req.model_name,
-                "version": req.model_version,
-                "statement_digest": req.statement_digest,
-                "resources": len(sub.resources),
-                "token": principal.token.token_id if principal.token else None,
-                # What the policy decided; a claimed request is approved and being signed.
-                "state": RequestState.APPROVED if claimed else req.state,
-            }
-            | _oidc_audit(principal)
-            | _provenance_audit(record),
-        )
-    return req
+    return req, record
+
+
+def _insert_request(req: SigningRequest, record: ProvenanceRecord | None) -> None:
+    req.save(force_insert=True)
+    if record is not None:
+        record.save(force_insert=True)
+
+
+def _created_audit(
+    principal: Principal,
+    req: SigningRequest,
+    sub: Submission,
+    record: ProvenanceRecord | None,
+    state: str,
+) -> dict[str, Any]:
+    """The ``signing_request.created`` record; ``state`` is what the policy decided (a
+    request signed at submission, or claimed for it, was approved)."""
+    return (
+        {
+            "authority": req.authority,
+            "model": req.model_name,
+            "version": req.model_version,
+            "statement_digest": req.statement_digest,
+            "resources": len(sub.resources),
+            "token": principal.token.token_id if principal.token else None,
+            "state": state,
+        }
+        | _oidc_audit(principal)
+        | _provenance_audit(record)
+    )
 
 
 def _provenance_audit(record: ProvenanceRecord | None) -> dict[str, Any]:
@@ -445,24 +515,39 @@ def sign(request_id: Any) -> SigningRequest:
 def _sign_claimed(req: SigningRequest) -> SigningRequest:
     """Sign a request this caller moved to ``signing``; store, wait or fail it."""
     try:
-        key = _check_before_signing(req)
-        backend = backend_for(key)
-        _ensure_usable(backend, key)
-        signed_at = timezone.now().isoformat()
-        payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
-        started = time.perf_counter()
-        der = backend.sign(key.key_ref, bundle.pae(payload))
-        metrics.observe_signing(key.backend, time.perf_counter() - started)
-        _check_signature(key, payload, der)
-        provenance = _sign_provenance(req, key, backend)
-    except NoActiveKey as exc:
+        key, payload, der, provenance = _signature_for(req)
+    except _NOT_SIGNED as exc:
+        return _not_signed(req, exc)
+    return _store(req, key, payload, der, provenance)
+
+
+def _signature_for(
+    req: SigningRequest,
+) -> tuple[SigningKey, bytes, bytes, tuple[bytes, bytes] | None]:
+    """Checks, then the HSM: (key, payload, DER signature, provenance's). Stores nothing."""
+    key = _check_before_signing(req)
+    backend = backend_for(key)
+    _ensure_usable(backend, key)
+    signed_at = timezone.now().isoformat()
+    payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
+    started = time.perf_counter()
+    der = backend.sign(key.key_ref, bundle.pae(payload))
+    metrics.observe_signing(key.backend, time.perf_counter() - started)
+    _check_signature(key, payload, der)
+    return key, payload, der, _sign_provenance(req, key, backend)
+
+
+#: Why a request is not signed now: it waits (no key, backend down) or fails.
+_NOT_SIGNED = (NoActiveKey, BackendUnavailable, SigningRefused, KeyBackendError)
+
+
+def _not_signed(req: SigningRequest, exc: Exception) -> SigningRequest:
+    if isinstance(exc, NoActiveKey):
         return _wait(req, str(exc))
-    except BackendUnavailable as exc:
+    if isinstance(exc, BackendUnavailable):
         # Never another key: the request waits for this one's backend to come back.
         return _wait(req, f"the {req.authority} key backend is unavailable: {exc}")
-    except (SigningRefused, KeyBackendError) as exc:
-        return _fail(req, str(exc))
-    return _store(req, key, payload, der, provenance)
+    return _fail(req, str(exc))
 
 
 def sign_keyless(request_id: Any, authority: Authority, identity_token: str) -> SigningRequest:
@@ -644,18 +729,7 @@ def _record_signature(
                 raise IntegrityError("request left the signing state while it was being signed")
             # The audit head is every writer's lock: taken last, held only until the commit.
             audit.record(
-                "signing-service",
-                "signature.issued",
-                target=sig,
-                data={
-                    "request": str(req.id),
-                    "authority": req.authority,
-                    "key": key.hint if key else None,
-                    "signer_identity": signer_identity or None,
-                    "model": req.model_name,
-                    "version": req.model_version,
-                    "payload_digest": sig.payload_digest,
-                },
+                "signing-service", "signature.issued", target=sig, data=_issued_audit(req, sig)
             )
             if provenance_bundle is not None and key is not None:
                 record = provenance_of(req)
@@ -674,6 +748,18 @@ def _record_signature(
     )  # fmt: skip
     req.remember_valid_signature(sig)
     return req
+
+
+def _issued_audit(req: SigningRequest, sig: Signature) -> dict[str, Any]:
+    return {
+        "request": str(req.id),
+        "authority": req.authority,
+        "key": sig.key.hint if sig.key else None,
+        "signer_identity": sig.signer_identity or None,
+        "model": req.model_name,
+        "version": req.model_version,
+        "payload_digest": sig.payload_digest,
+    }
 
 
 def _wait(req: SigningRequest, reason: str) -> SigningRequest:

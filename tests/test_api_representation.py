@@ -1,5 +1,5 @@
 """What POST /api/v1/signing-requests/ answers is what DRF's own serializers render, and what a
-later GET reads back; a request signed at submission is neither claimed nor read back again."""
+later GET reads back; a request signed at submission is stored signed in one transaction."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework import serializers
 from rest_framework.test import APIRequestFactory
 
-from signing_service import signing
+from signing_service import audit, signing
 from signing_service.api.serializers import KeySummarySerializer, SigningRequestSerializer
-from signing_service.models import AuditEntry, Signature, SigningRequest
+from signing_service.models import AuditEntry, AuditHead, Signature, SigningRequest
 from tests.fixtures_service import authed, request_body
 from tests.provenance_helpers import root_of, statement
 
@@ -76,7 +76,7 @@ def test_the_answer_to_a_signed_submission_is_what_a_later_read_returns(
 
 @pytest.mark.softhsm
 @pytest.mark.django_db
-def test_a_submission_signed_at_once_is_stored_claimed_and_never_read_back(
+def test_a_submission_signed_at_once_is_stored_signed_in_one_transaction(
     api: Any, issue_token: Any, active_keys: Any
 ) -> None:
     client = authed(api, issue_token())
@@ -86,21 +86,22 @@ def test_a_submission_signed_at_once_is_stored_claimed_and_never_read_back(
         answer = client.post(URL, request_body(version="2.0.0"), format="json").json()
     sql = [q["sql"] for q in queries.captured_queries]
     requests, signatures = SigningRequest._meta.db_table, Signature._meta.db_table
+    # Signed first, then stored signed with its signature and audit records: one
+    # transaction, one lock of the audit head, nothing claimed, updated or read back.
     inserted = [q for q in sql if q.startswith(f'INSERT INTO "{requests}"')]
-    assert len(inserted) == 1 and "'signing'" in inserted[0], inserted
-    assert [q for q in sql if q.startswith(f'UPDATE "{requests}"')] == [
-        q for q in sql if q.startswith(f'UPDATE "{requests}"') and "'signed'" in q
-    ]
+    assert len(inserted) == 1 and "'signed'" in inserted[0], inserted
+    assert [q for q in sql if q.startswith(f'UPDATE "{requests}"')] == []
     assert [q for q in sql if q.startswith("SELECT") and f'FROM "{requests}"' in q] == []
     assert [q for q in sql if q.startswith("SELECT") and f'FROM "{signatures}"' in q] == []
+    head = AuditHead._meta.db_table
+    assert sum(q.startswith("SELECT") and f'FROM "{head}"' in q for q in sql) == 1, sql
+    assert sum(q in ("BEGIN", "COMMIT") or q.startswith("SAVEPOINT") for q in sql) <= 2, sql
     # The audit trail still says what the policy decided, then that it was signed.
-    entries = list(AuditEntry.objects.filter(target_id__in=[answer["id"]]).order_by("seq"))
-    assert [(e.action, e.data.get("state")) for e in entries] == [
-        ("signing_request.created", "approved")
-    ]
+    created = AuditEntry.objects.get(action="signing_request.created", target_id=answer["id"])
     issued = AuditEntry.objects.get(action="signature.issued", data__request=answer["id"])
-    assert issued.seq == entries[0].seq + 1
-    assert Signature.objects.filter(request_id=answer["id"]).count() == 1
+    assert created.data["state"] == "approved" and issued.seq == created.seq + 1
+    assert issued.target_id == str(Signature.objects.get(request_id=answer["id"]).pk)
+    assert audit.verify_chain() == (issued.seq, None)
 
 
 @pytest.mark.softhsm

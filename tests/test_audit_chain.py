@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from itertools import pairwise
 from typing import Any
+from uuid import UUID
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
 
-from signing_service import audit
+from signing_service import audit, signing
 from signing_service.models import AuditEntry, Signature, SigningRequest
 from tests.fixtures_service import authed, request_body
 
@@ -127,18 +128,31 @@ def test_entries_appended_in_one_pass_chain_like_single_ones(capsys: Any) -> Non
 @pytest.mark.softhsm
 @pytest.mark.django_db
 def test_no_signature_without_its_audit_record(
-    api: Any, issue_token: Any, active_keys: Any, monkeypatch: pytest.MonkeyPatch
+    api: Any, issue_token: Any, hsm: Any, monkeypatch: pytest.MonkeyPatch, request: Any
 ) -> None:
-    real_record = audit.record
+    real_chained = audit._chained
 
-    def failing_record(actor: str, action: str, **kw: Any) -> Any:
+    def failing_chained(seq: int, now: Any, actor: str, action: str, *rest: Any) -> Any:
         if action == "signature.issued":
             raise RuntimeError("audit store unavailable")
-        return real_record(actor, action, **kw)
+        return real_chained(seq, now, actor, action, *rest)
 
-    monkeypatch.setattr(audit, "record", failing_record)
+    client = authed(api, issue_token())
+    # Stored approved, waiting for a key (none yet): a signer claims it later.
+    waiting = client.post("/api/v1/signing-requests/", request_body(), format="json").json()
+    assert waiting["state"] == "approved" and waiting["waiting_reason"]
+    request.getfixturevalue("active_keys")
+    monkeypatch.setattr(audit, "_chained", failing_chained)
+
+    # Signed at submission: request, signature and audit records are one transaction.
     with pytest.raises(RuntimeError, match="audit store unavailable"):
-        authed(api, issue_token()).post("/api/v1/signing-requests/", request_body(), format="json")
+        client.post("/api/v1/signing-requests/", request_body(version="2"), format="json")
+    assert Signature.objects.count() == 0
+    assert SigningRequest.objects.get().pk == UUID(waiting["id"])  # the new one: not stored
+
+    # Claimed by a signer: the request stays claimed, without a signature.
+    with pytest.raises(RuntimeError, match="audit store unavailable"):
+        signing.sign(waiting["id"])
     assert Signature.objects.count() == 0
     assert SigningRequest.objects.get().state == "signing"  # left for reconciliation to retry
 
