@@ -223,7 +223,7 @@ def test_compose_gives_the_hsm_volume_and_pins_to_key_users_only() -> None:
         assert service["environment"]["SOFTHSM_DIR"] == "/var/lib/modelsign/softhsm"
         assert {"hsm_user_pin", "audit_checkpoint_pin"} <= set(service["secrets"])
     beat = services()["beat"]
-    assert beat["volumes"] == []
+    assert not any(v.startswith("softhsm:") for v in beat["volumes"])  # no tokens
     assert not {"hsm_user_pin", "hsm_so_pin", "audit_checkpoint_pin"} & set(beat["secrets"])
     only_init = [n for n, s in services().items() if "hsm_so_pin" in s.get("secrets", [])]
     assert only_init == ["init"]
@@ -243,13 +243,13 @@ def test_compose_starts_services_in_order_with_health_conditions() -> None:
 
 
 def test_compose_policy_loads_and_names_only_hsm_authorities() -> None:
-    config = compose()["configs"]["policy"]
-    target = services()["web"]["configs"][0]
-    assert target == {
-        "source": "policy",
-        "target": services()["web"]["environment"]["SIGNING_POLICY_FILE"],
-    }
-    policy = load_policy(COMPOSE.parent / config["file"])
+    # Every service reads the policy from a read-only bind of deploy/compose/policy.yaml at
+    # the path SIGNING_POLICY_FILE names (not `configs:`, which podman-compose does not mount).
+    for name in ("init", "web", "worker", "beat"):
+        target = services()[name]["environment"]["SIGNING_POLICY_FILE"]
+        assert f"./policy.yaml:{target}:ro" in services()[name]["volumes"], name
+    assert "configs" not in compose()
+    policy = load_policy(COMPOSE.parent / "policy.yaml")
     assert {a.backend for a in policy.authorities.values()} == {"pkcs11"}
 
 

@@ -32,6 +32,32 @@ fresh_metrics_dir() {
   fi
 }
 
+# init and migrate wait for the database (compose implementations that ignore
+# `condition: service_healthy`, a Kubernetes Job started before PostgreSQL answers):
+# up to DB_WAIT_SECONDS (60), then fail naming the error.
+wait_for_database() {
+  "$PYTHON" - <<'PY'
+import os, sys, time
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "signing_service.settings")
+import django
+
+django.setup()
+from django.db import connection
+
+limit = float(os.environ.get("DB_WAIT_SECONDS", "60"))
+deadline = time.monotonic() + limit
+while True:
+    try:
+        connection.ensure_connection()
+        break
+    except Exception as exc:
+        if time.monotonic() >= deadline:
+            sys.exit(f"entrypoint.sh: the database did not answer within {limit:g} s: {exc}")
+        time.sleep(1)
+PY
+}
+
 note_role() { printf '%s\n' "$1" >"$ROLE_FILE" 2>/dev/null || true; }
 
 init_audit_checkpoint_key() {
@@ -79,9 +105,13 @@ case "$role" in
     exec "$PYTHON" -m celery -A worker.celery beat -l "${CELERY_LOG_LEVEL:-info}" \
       -s "$VAR_DIR/celerybeat-schedule" "$@"
     ;;
-  migrate) exec "$PYTHON" manage.py migrate --noinput "$@" ;;
+  migrate)
+    wait_for_database
+    exec "$PYTHON" manage.py migrate --noinput "$@"
+    ;;
   init-softhsm) exec env APP_DIR="$APP_DIR" PYTHON="$PYTHON" "$APP_DIR/deploy/softhsm/setup.sh" ;;
   init)
+    wait_for_database
     manage migrate --noinput
     env APP_DIR="$APP_DIR" PYTHON="$PYTHON" "$APP_DIR/deploy/softhsm/setup.sh"
     init_audit_checkpoint_key
