@@ -414,27 +414,43 @@ def _gunicorn_master(tmp: Path) -> int:
     raise SystemExit("cannot find the gunicorn master's pid in its log")
 
 
-def _top(out: Path, n: int = 25) -> None:
-    """Inclusive share of samples per function (file:function), from py-spy's raw stacks."""
+#: Frames whose inclusive share says where a signing request's time goes.
+_OF_INTEREST = (
+    "SyncWorker.handle_request", "ThreadWorker.handle", "SigningRequestCreateView.post",
+    "submit", "_create_signed", "_signature_for", "SigningKeyQuerySet.active_for",
+    "Pkcs11Backend.sign", "_check_signature", "record_each", "Model.save", "QuerySet.bulk_create",
+    "ApiTokenAuthentication.authenticate", "BaseSerializer.is_valid",
+    "SigningRequestSerializer.to_representation", "SQLCompiler.as_sql", "SQLInsertCompiler.as_sql",
+    "SQLCompiler.execute_sql", "SQLInsertCompiler.execute_sql", "Cursor.execute",
+)  # fmt: skip
+
+
+def _top(out: Path, n: int = 15) -> None:
+    """Inclusive share of samples of chosen frames, and the top own-time frames, from
+    py-spy's raw (collapsed) stacks of every worker."""
     total, inclusive, own = 0, dict[str, int](), dict[str, int]()
     for path in out.glob("worker-*.txt"):
         for line in path.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            frames = [f.rsplit(" (", 1) for f in stack.split(";")]
             names = []
-            for f in frames:
-                func = f[0]
-                where = f[1].rstrip(")").rsplit(":", 1)[0] if len(f) > 1 else ""
-                names.append(f"{func} ({where.split('site-packages/')[-1].split('/main/')[-1]})")
+            for frame in stack.split(";"):
+                func, _, where = frame.partition(" (")
+                where = where.rstrip(")").rsplit(":", 1)[0]
+                names.append((func, where.split("site-packages/")[-1].split("/main/")[-1]))
             total += int(count)
-            for name in set(names):
-                inclusive[name] = inclusive.get(name, 0) + int(count)
+            for func, _where in set(names):
+                inclusive[func] = inclusive.get(func, 0) + int(count)
             if names:
-                own[names[-1]] = own.get(names[-1], 0) + int(count)
-    print(f"py-spy: {total} samples over the workers; inclusive share, then own share")
-    for name, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:n]:
-        print(f"  {100 * count / total:5.1f}%  {name}")
-    print("own time:")
+                key = f"{names[-1][0]} ({names[-1][1]})"
+                own[key] = own.get(key, 0) + int(count)
+    if not total:
+        print("py-spy recorded nothing (ptrace not permitted?)")
+        return
+    print(f"py-spy: {total} samples over the workers; share of samples inside:")
+    for func in _OF_INTEREST:
+        if func in inclusive:
+            print(f"  {100 * inclusive[func] / total:5.1f}%  {func}")
+    print("own time (top frames):")
     for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:n]:
         print(f"  {100 * count / total:5.1f}%  {name}")
 
