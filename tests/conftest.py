@@ -40,6 +40,7 @@ POSTGRES_MODULES = frozenset(
         "test_api_bad_input",
         "test_key_state_machine",
         "test_signatures_api",
+        "test_api_representation",
     }
 )
 
