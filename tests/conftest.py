@@ -31,6 +31,7 @@ POSTGRES_MODULES = frozenset(
         "test_resigning_tasks",
         "test_resigning_approval",
         "test_resigning_items",
+        "test_resigning_chunks",
         "test_worker_signing_mode",
         "test_audit_chain",
         "test_audit_checkpoints",
