@@ -54,3 +54,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.stem in POSTGRES_MODULES:
             item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fast_password_hashing() -> None:
+    """Users made in this process get a fast password hash (Django's testing advice).
+
+    PBKDF2 at Django's 1,000,000 iterations costs ~0.4 s per user and tests make thousands of
+    them; what is under test is who may do what, not the hash. Users made by subprocesses
+    (manage.py, the compose stand-in) keep the production hashers.
+    """
+    from django.conf import settings
+    from django.contrib.auth import hashers
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    hashers.get_hashers.cache_clear()
+    hashers.get_hashers_by_algorithm.cache_clear()
