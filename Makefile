@@ -8,7 +8,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 # The local Redis broker (started by `make run` unless one already answers on this port).
 REDIS_PORT ?= 6390
-APT_PACKAGES := softhsm2 redis-server chromium postgresql
+APT_PACKAGES := softhsm2 redis-server chromium postgresql wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VAR_DIR
 
@@ -22,7 +22,8 @@ help:
 	@echo "           on a throwaway PostgreSQL cluster (Debian's server, started and removed by the run)"
 
 ## Debian packages: the HSM (SoftHSM2), the broker (Redis), the browser for the UI tests
-## (chromium) and PostgreSQL (only its server binaries: the tests run their own cluster).
+## (chromium), PostgreSQL (only its server binaries: the tests run their own cluster) and wrk
+## (the load generator of bench/bench_api.py).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

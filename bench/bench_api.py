@@ -17,7 +17,7 @@ request per call (its own version and file digests) and counts a response only i
 bundles is fetched over the API and verified with the staging public key
 (signing_service.bundle.verify_bundle: signature, statement, request id and version), every
 request of the run must be signed exactly once, and the audit chain must verify.
-Prints req/s, p50/p99 of each side, the ratio, and errors. Needs `apt-get install wrk`.
+Prints req/s, p50/p99 of each side, the ratio, and errors. Needs wrk (Debian package; `make test` and `make run` install it).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main() -> None:
     if not 1 <= args.connections <= 256 or args.seconds <= 0 or args.rounds < 1:
         parser.error("--connections must be 1..256, --seconds > 0, --rounds >= 1")
     if shutil.which("wrk") is None:
-        raise SystemExit("wrk is missing: apt-get install wrk (Debian package)")
+        raise SystemExit("wrk is missing: make deps, or apt-get install wrk (Debian package)")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-api-"))
     cluster = gunicorn = None
