@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mass_mail
@@ -54,6 +52,7 @@ from signing_service.models import Signature, SignatureState
 from signing_service.policy import Authority, current_policy
 from signing_service.signing import (
     SigningRefused,
+    _bundle_json,
     _check_signature,
     _ensure_usable,
     _signed_statement,
@@ -565,15 +564,10 @@ def _sign(sig: Signature, batch: ResignBatch) -> tuple[_Built, str]:
     return _Built(payload, _bundle_json(key, payload, der), signed_at), reason
 
 
-def _bundle_json(key: SigningKey, payload: bytes, der: bytes) -> str:
-    """The bundle exactly as :func:`signing_service.signing._store` builds it."""
-    if key.certificate_chain_pem:
-        chain = x509.load_pem_x509_certificates(key.certificate_chain_pem.encode("ascii"))
-        ders = [c.public_bytes(serialization.Encoding.DER) for c in chain]
-        built = bundle.build_bundle(payload, der, certificate_chain_der=ders)
-    else:
-        built = bundle.build_bundle(payload, der, hint=key.hint)
-    return bundle.bundle_bytes(built).decode()
+def _lock_if_active(key: SigningKey) -> bool:
+    """Lock the new key's row as revocation locks it; False if it is no longer active (a key
+    revoked while we signed stores nothing)."""
+    return SigningKey.objects.select_for_update().filter(pk=key.pk, state=KeyState.ACTIVE).exists()
 
 
 class _Lost(Exception):
@@ -585,12 +579,7 @@ def _store(sig: Signature, batch: ResignBatch, built: _Built, reason: str) -> st
     key = batch.new_key
     try:
         with transaction.atomic():
-            # Locked like revocation locks it: a key revoked while we signed stores nothing.
-            if (
-                not SigningKey.objects.select_for_update()
-                .filter(pk=key.pk, state=KeyState.ACTIVE)
-                .exists()
-            ):
+            if not _lock_if_active(key):
                 raise _Lost
             moved = Signature.objects.filter(pk=sig.pk, state=sig.state, resign_batch=batch).update(
                 state=SignatureState.SUPERSEDED
@@ -625,12 +614,7 @@ def _store_many(batch: ResignBatch, built: list[tuple[Signature, _Built, str]]) 
     key = batch.new_key
     try:
         with transaction.atomic():
-            # Locked like revocation locks it: a key revoked while we signed stores nothing.
-            if (
-                not SigningKey.objects.select_for_update()
-                .filter(pk=key.pk, state=KeyState.ACTIVE)
-                .exists()
-            ):
+            if not _lock_if_active(key):
                 return {"done": len(built)}
             by_state: dict[str, list[int]] = {}
             for sig, _, _ in built:

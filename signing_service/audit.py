@@ -71,7 +71,7 @@ def record_each(
     The entries chain exactly as if recorded one by one; same transaction rule as ``record``.
     """
     if not transaction.get_connection().in_atomic_block:
-        raise RuntimeError("audit.record_each must be called inside the transaction it records")
+        raise RuntimeError("audit records must be appended inside the transaction they record")
     head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
     now, chained = timezone.now(), []
     seq, prev = head.seq, head.entry_hash
@@ -79,7 +79,7 @@ def record_each(
         chained.append(_chained(seq + 1, now, actor, action, target, data, prev))
         seq, prev = chained[-1].seq, chained[-1].entry_hash
     if chained:
-        AuditEntry.objects.bulk_create(chained)
+        AuditEntry.objects.bulk_create(chained, batch_size=500)
         AuditHead.objects.filter(pk=1).update(seq=seq, entry_hash=prev)
     return chained
 
@@ -87,23 +87,8 @@ def record_each(
 def record_many(
     actor: str, action: str, items: Iterable[tuple[Any, dict[str, Any]]]
 ) -> list[AuditEntry]:
-    """Append one entry per ``(target, data)``, in order: what :func:`record` does for each,
-    under one lock of the head, stored with one bulk INSERT and one head update.
-
-    The entries chain exactly as if recorded one by one; same transaction rule as ``record``.
-    """
-    if not transaction.get_connection().in_atomic_block:
-        raise RuntimeError("audit.record_many must be called inside the transaction it records")
-    head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
-    now, entries = timezone.now(), []
-    seq, prev = head.seq, head.entry_hash
-    for target, data in items:
-        entries.append(_chained(seq + 1, now, actor, action, target, data, prev))
-        seq, prev = entries[-1].seq, entries[-1].entry_hash
-    if entries:
-        AuditEntry.objects.bulk_create(entries, batch_size=500)
-        AuditHead.objects.filter(pk=1).update(seq=seq, entry_hash=prev)
-    return entries
+    """:func:`record_each` for one actor and action: one entry per ``(target, data)``."""
+    return record_each((actor, action, target, data) for target, data in items)
 
 
 def _chained(

@@ -486,19 +486,22 @@ def sign_or_enqueue(request_id: Any) -> SigningRequest:
 SIGN_WAITING_LIMIT = 1000
 
 
-def sign_waiting(authority: str) -> int:
-    """Sign, here, the approved requests of ``authority`` that wait (no key, backend down).
-
-    Each goes through :func:`sign`, so a request a worker claimed meanwhile is left to it.
-    Returns how many were signed.
-    """
-    pks = list(
+def waiting_ids(authority: str, limit: int = SIGN_WAITING_LIMIT) -> list[Any]:
+    """The approved requests of ``authority`` that wait (no key, backend down), oldest first."""
+    return list(
         SigningRequest.objects.filter(authority=authority, state=RequestState.APPROVED)
         .exclude(waiting_reason="")
         .order_by("updated_at")
-        .values_list("pk", flat=True)[:SIGN_WAITING_LIMIT]
+        .values_list("pk", flat=True)[:limit]
     )
-    return sum(sign(pk).state == RequestState.SIGNED for pk in pks)
+
+
+def sign_waiting(authority: str) -> int:
+    """Sign, here, the requests of ``authority`` that wait; return how many were signed.
+
+    Each goes through :func:`sign`, so a request a worker claimed meanwhile is left to it.
+    """
+    return sum(sign(pk).state == RequestState.SIGNED for pk in waiting_ids(authority))
 
 
 def sign(request_id: Any) -> SigningRequest:

@@ -31,6 +31,16 @@ from worker.tasks.signing import enqueue_signing, reconcile
 pytestmark = [pytest.mark.softhsm, pytest.mark.django_db(transaction=True)]
 
 
+def new_staging_key() -> SigningKey:
+    """A new P-256 key generated on the staging token, registered and activated."""
+    backend = registry.pkcs11_backend("staging")
+    generated = backend.generate(f"staging-{secrets.token_hex(4)}", "ECDSA-P256")
+    return register_key(
+        "staging", backend, generated, algorithm="ECDSA-P256",
+        validity=timedelta(days=90), actor="tests", activate=True,
+    )  # fmt: skip
+
+
 # --- Redis restarted empty ---------------------------------------------------------------
 
 
@@ -125,12 +135,7 @@ def staging_on_own_token(
     from keys.lifecycle import transition
 
     transition(old.pk, "transition", actor="tests")
-    backend = registry.pkcs11_backend("staging")
-    generated = backend.generate(f"staging-{secrets.token_hex(4)}", "ECDSA-P256")
-    key = register_key(
-        "staging", backend, generated, algorithm="ECDSA-P256",
-        validity=timedelta(days=90), actor="tests", activate=True,
-    )  # fmt: skip
+    key = new_staging_key()
     return {"token": token, "pin_file": pin_file, "key": key, "keys": active_keys}
 
 
@@ -289,12 +294,7 @@ def test_requests_waiting_for_a_key_are_signed_as_soon_as_a_new_key_is_active(
             what=f"requests waiting for a key\n{worker.output()[-3000:]}",
         )
         assert not Signature.objects.filter(request__in=waiting).exists()
-        backend = registry.pkcs11_backend("staging")
-        generated = backend.generate(f"staging-{secrets.token_hex(4)}", "ECDSA-P256")
-        new = register_key(
-            "staging", backend, generated, algorithm="ECDSA-P256",
-            validity=timedelta(days=90), actor="tests", activate=True,
-        )  # fmt: skip
+        new = new_staging_key()
         # No reconcile run: the activation itself hands the waiting requests to the worker.
         wait_for(all_signed(waiting), what=f"signed by the new key\n{worker.output()[-3000:]}")
     finally:
@@ -320,12 +320,7 @@ def test_inline_mode_signs_waiting_requests_in_the_process_that_activates_the_ke
         "no active signing key" in r.waiting_reason
         for r in SigningRequest.objects.filter(pk__in=waiting)
     )
-    backend = registry.pkcs11_backend("staging")
-    generated = backend.generate(f"staging-{secrets.token_hex(4)}", "ECDSA-P256")
-    new = register_key(
-        "staging", backend, generated, algorithm="ECDSA-P256",
-        validity=timedelta(days=90), actor="tests", activate=True,
-    )  # fmt: skip
+    new = new_staging_key()
     assert all_signed(waiting)()
     assert set(Signature.objects.filter(request__in=waiting).values_list("key", flat=True)) == {
         new.pk

@@ -60,12 +60,7 @@ def enqueue_signing(request_id: Any) -> None:
 
 def enqueue_waiting(authority: str) -> int:
     """Send the requests of ``authority`` that wait (no key, backend down) to the worker now."""
-    pks = list(
-        SigningRequest.objects.filter(authority=authority, state=RequestState.APPROVED)
-        .exclude(waiting_reason="")
-        .order_by("updated_at")
-        .values_list("pk", flat=True)[:BATCH]
-    )
+    pks = signing.waiting_ids(authority, BATCH)
     for pk in pks:
         enqueue_signing(pk)
     return len(pks)
