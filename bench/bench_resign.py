@@ -247,18 +247,12 @@ def signed(key, n: int, start) -> None:  # type: ignore[no-untyped-def]
         at = start + timedelta(seconds=i)
         payload = bundle.statement_payload(signing._signed_statement(req, key, at.isoformat()))
         der = backend.sign(key.key_ref, bundle.pae(payload))
-        rows.append(
-            Signature(
-                request=req,
-                key=key,
-                signed_at=at,
-                payload_digest=bundle.payload_digest(payload),
-                bundle=bundle.bundle_bytes(
-                    bundle.build_bundle(payload, der, hint=key.hint)
-                ).decode(),
-            )
+        sig = Signature(
+            request=req, key=key, signed_at=at, payload_digest=bundle.payload_digest(payload)
         )
-    Signature.objects.bulk_create(rows, batch_size=2000)
+        built = bundle.build_bundle(payload, der, hint=key.hint)
+        rows.append((sig, bundle.bundle_bytes(built).decode()))
+    Signature.objects.store_many(rows, batch_size=2000)
 
 
 def bare_loop(key, n: int) -> float:  # type: ignore[no-untyped-def]

@@ -399,7 +399,6 @@ def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str]
     sigs = list(
         Signature.objects.filter(pk__in=claimed)
         .select_related("request", "request__provenance")  # no query per statement
-        .defer("bundle")  # only the old bundle's digest goes into the new statement
         .order_by("pk")
     )
     for sig in sigs:
@@ -586,13 +585,15 @@ def _store(sig: Signature, batch: ResignBatch, built: _Built, reason: str) -> st
             )
             if moved != 1:
                 raise _Lost
-            new = Signature.objects.create(
-                request_id=sig.request_id,
-                key=key,
-                bundle=built.bundle_json,
-                payload_digest=bundle.payload_digest(built.payload),
-                signed_at=built.signed_at,
-                supersedes=sig,
+            new = Signature.objects.store(
+                Signature(
+                    request_id=sig.request_id,
+                    key=key,
+                    payload_digest=bundle.payload_digest(built.payload),
+                    signed_at=built.signed_at,
+                    supersedes=sig,
+                ),
+                built.bundle_json,
             )
             target, data = _resigned_record(batch, sig, new, reason)
             audit.record(ACTOR, "signature.resigned", target=target, data=data)
@@ -642,26 +643,19 @@ def _store_many(batch: ResignBatch, built: list[tuple[Signature, _Built, str]]) 
 def _create_successors(
     key: SigningKey, built: list[tuple[Signature, _Built, str]]
 ) -> list[Signature]:
-    new = Signature.objects.bulk_create(
-        Signature(
-            request_id=sig.request_id,
-            key=key,
-            bundle=one.bundle_json,
-            payload_digest=bundle.payload_digest(one.payload),
-            signed_at=one.signed_at,
-            supersedes_id=sig.pk,
+    return Signature.objects.store_many(
+        (
+            Signature(
+                request_id=sig.request_id,
+                key=key,
+                payload_digest=bundle.payload_digest(one.payload),
+                signed_at=one.signed_at,
+                supersedes_id=sig.pk,
+            ),
+            one.bundle_json,
         )
         for sig, one, _ in built
     )
-    if any(s.pk is None for s in new):  # a database that cannot return inserted ids
-        ids = dict(
-            Signature.objects.filter(
-                key=key, supersedes__in=[s.supersedes_id for s in new]
-            ).values_list("supersedes_id", "pk")
-        )
-        for successor in new:
-            successor.pk = ids[successor.supersedes_id]
-    return new
 
 
 def _resigned_record(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -110,11 +111,13 @@ class SigningRequest(models.Model):
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
 
-    def valid_signature(self) -> Signature | None:
+    def valid_signature(self, with_bundle: bool = False) -> Signature | None:
+        """The newest valid signature; ``with_bundle``: its bundle in the same query."""
         remembered = self.__dict__.get("_valid_signature")
         if remembered is not None:
             return remembered  # type: ignore[no-any-return]
-        return self.signatures.filter(state=SignatureState.VALID).order_by("-signed_at").first()
+        sigs = self.signatures.with_bundle() if with_bundle else self.signatures.all()
+        return sigs.filter(state=SignatureState.VALID).order_by("-signed_at").first()
 
     def remember_valid_signature(self, sig: Signature) -> None:
         """The signer just committed ``sig`` as this request's valid signature: answer with it
@@ -140,8 +143,41 @@ class SignatureQuerySet(models.QuerySet["Signature"]):
             return self.filter(request__authority__in=custodian_authorities(principal))
         return self.none()
 
+    def with_bundle(self) -> SignatureQuerySet:
+        """Each signature with its bundle, in the same query (``sig.bundle`` asks nothing)."""
+        return self.select_related("stored_bundle")
+
+    def store(self, sig: Signature, bundle_json: str) -> Signature:
+        """Insert the unsaved ``sig`` and its bundle: two INSERTs, in the caller's transaction
+        (or one of their own). ``sig.bundle`` then answers without a query."""
+        # savepoint=False: inside the caller's transaction this adds no SQL of its own.
+        with transaction.atomic(using=self.db, savepoint=False):
+            sig.save(force_insert=True, using=self.db)
+            SignatureBundle(signature=sig, json=bundle_json).save(force_insert=True, using=self.db)
+        return sig
+
+    def store_many(
+        self, rows: Iterable[tuple[Signature, str]], batch_size: int | None = None
+    ) -> list[Signature]:
+        """:meth:`store` for many: the signatures bulk-inserted, then their bundles with the
+        primary keys the database returned (PostgreSQL, SQLite >= 3.35)."""
+        pairs = list(rows)
+        with transaction.atomic(using=self.db, savepoint=False):
+            sigs = self.bulk_create([sig for sig, _ in pairs], batch_size=batch_size)
+            if any(sig.pk is None for sig in sigs):
+                raise RuntimeError("the database returned no ids for inserted signatures")
+            SignatureBundle.objects.using(self.db).bulk_create(
+                (SignatureBundle(signature=sig, json=text) for sig, text in pairs),
+                batch_size=batch_size,
+            )
+        return sigs
+
 
 class Signature(models.Model):
+    """An issued signature. Its bundle (~3 KB) lives in :class:`SignatureBundle`, so that
+    state changes (quarantine, supersede) rewrite small rows: both databases write a whole
+    row again on UPDATE."""
+
     request = models.ForeignKey(SigningRequest, on_delete=models.PROTECT, related_name="signatures")
     #: The service-held key that signed; null for keyless (Sigstore) signatures.
     key = models.ForeignKey(
@@ -149,7 +185,6 @@ class Signature(models.Model):
     )
     #: For keyless signatures: the identity in the short-lived Fulcio certificate.
     signer_identity = models.CharField(max_length=320, blank=True)
-    bundle = models.TextField(help_text="The Sigstore bundle JSON, exactly as served")
     payload_digest = models.CharField(max_length=64, help_text="SHA-256 of the signed statement")
     state = models.CharField(
         max_length=16, choices=SignatureState.choices, default=SignatureState.VALID
@@ -190,6 +225,25 @@ class Signature(models.Model):
 
     def __str__(self) -> str:
         return f"signature {self.pk} of {self.request_id} by {self.key_id} ({self.state})"
+
+    @property
+    def bundle(self) -> str:
+        """The Sigstore bundle JSON, exactly as served. Read-only; one query unless loaded
+        with :meth:`SignatureQuerySet.with_bundle` or stored by this process."""
+        return self.stored_bundle.json
+
+
+class SignatureBundle(models.Model):
+    """One signature's Sigstore bundle, written once with it (:meth:`SignatureQuerySet.store`)
+    and never changed. Kept out of the signature's row, which state changes rewrite."""
+
+    signature = models.OneToOneField(
+        Signature, primary_key=True, on_delete=models.PROTECT, related_name="stored_bundle"
+    )
+    json = models.TextField(help_text="The Sigstore bundle JSON, exactly as served")
+
+    def __str__(self) -> str:
+        return f"bundle of signature {self.signature_id}"
 
 
 def _hash_token(token: str) -> str:

@@ -349,16 +349,13 @@ def _create_signed(
     now = timezone.now()
     req.state, req.signed_at = RequestState.SIGNED, now
     sig = Signature(
-        request=req,
-        key=signing_key,
-        bundle=_bundle_json(signing_key, payload, der),
-        payload_digest=bundle.payload_digest(payload),
-        signed_at=now,
+        request=req, key=signing_key, payload_digest=bundle.payload_digest(payload), signed_at=now
     )
+    bundle_json = _bundle_json(signing_key, payload, der)
     provenance_json = _bundle_json(signing_key, *provenance) if provenance else None
     with transaction.atomic():
         _insert_request(req, record)
-        sig.save(force_insert=True)
+        Signature.objects.store(sig, bundle_json)
         audit.record_each(
             [
                 (principal.identity, "signing_request.created", req,
@@ -717,13 +714,15 @@ def _record_signature(
     now = timezone.now()
     try:
         with transaction.atomic():
-            sig = Signature.objects.create(
-                request=req,
-                key=key,
-                signer_identity=signer_identity,
-                bundle=bundle_json,
-                payload_digest=bundle.payload_digest(payload),
-                signed_at=now,
+            sig = Signature.objects.store(
+                Signature(
+                    request=req,
+                    key=key,
+                    signer_identity=signer_identity,
+                    payload_digest=bundle.payload_digest(payload),
+                    signed_at=now,
+                ),
+                bundle_json,
             )
             moved = SigningRequest.objects.filter(pk=req.pk, state=RequestState.SIGNING).update(
                 state=RequestState.SIGNED, signed_at=now, updated_at=now, waiting_reason=""

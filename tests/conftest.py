@@ -42,6 +42,7 @@ POSTGRES_MODULES = frozenset(
         "test_key_state_machine",
         "test_signatures_api",
         "test_api_representation",
+        "test_signature_bundle_migration",
     }
 )
 

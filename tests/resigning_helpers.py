@@ -80,16 +80,11 @@ def bulk_signed(
         payload = bundle.statement_payload(signing._signed_statement(req, key, at.isoformat()))
         der = backend.sign(key.key_ref, bundle.pae(payload))
         built = bundle.build_bundle(payload, der, hint=key.hint)
-        rows.append(
-            Signature(
-                request=req,
-                key=key,
-                bundle=bundle.bundle_bytes(built).decode(),
-                payload_digest=bundle.payload_digest(payload),
-                signed_at=at,
-            )
+        sig = Signature(
+            request=req, key=key, payload_digest=bundle.payload_digest(payload), signed_at=at
         )
-    return Signature.objects.bulk_create(rows, batch_size=2000)
+        rows.append((sig, bundle.bundle_bytes(built).decode()))
+    return Signature.objects.store_many(rows, batch_size=2000)
 
 
 def _request(authority: str, model: str, policy_digest: str) -> SigningRequest:

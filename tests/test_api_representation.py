@@ -13,7 +13,13 @@ from rest_framework.test import APIRequestFactory
 
 from signing_service import audit, signing
 from signing_service.api.serializers import KeySummarySerializer, SigningRequestSerializer
-from signing_service.models import AuditEntry, AuditHead, Signature, SigningRequest
+from signing_service.models import (
+    AuditEntry,
+    AuditHead,
+    Signature,
+    SignatureBundle,
+    SigningRequest,
+)
 from tests.fixtures_service import authed, request_body
 from tests.provenance_helpers import root_of, statement
 
@@ -93,6 +99,8 @@ def test_a_submission_signed_at_once_is_stored_signed_in_one_transaction(
     assert [q for q in sql if q.startswith(f'UPDATE "{requests}"')] == []
     assert [q for q in sql if q.startswith("SELECT") and f'FROM "{requests}"' in q] == []
     assert [q for q in sql if q.startswith("SELECT") and f'FROM "{signatures}"' in q] == []
+    bundles = SignatureBundle._meta.db_table  # the bundle's own row, in the same transaction
+    assert sum(q.startswith(f'INSERT INTO "{bundles}"') for q in sql) == 1, sql
     head = AuditHead._meta.db_table
     assert sum(q.startswith("SELECT") and f'FROM "{head}"' in q for q in sql) == 1, sql
     assert sum(q in ("BEGIN", "COMMIT") or q.startswith("SAVEPOINT") for q in sql) <= 2, sql

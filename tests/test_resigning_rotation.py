@@ -36,10 +36,12 @@ def keyless_signature() -> Signature:
         root_digest="0" * 64, statement_digest="0" * 64, policy_digest="0" * 64,
         state=RequestState.SIGNED, requester="dev@company.com", body_digest="0" * 64,
     )  # fmt: skip
-    return Signature.objects.create(
-        request=req, key=None, signer_identity="dev@company.com", bundle="{}",
-        payload_digest="0" * 64,
-    )  # fmt: skip
+    return Signature.objects.store(
+        Signature(
+            request=req, key=None, signer_identity="dev@company.com", payload_digest="0" * 64
+        ),
+        "{}",
+    )
 
 
 def test_rotation_re_signs_every_valid_signature_and_leaves_keyless_ones_alone(

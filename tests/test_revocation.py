@@ -50,10 +50,8 @@ def issued_signatures(key: SigningKey, n: int, start: Any, step: timedelta) -> N
         )
         for i in range(n)
     )
-    Signature.objects.bulk_create(
-        Signature(
-            request=r, key=key, bundle="{}", payload_digest=DIGEST, signed_at=start + i * step
-        )
+    Signature.objects.store_many(
+        (Signature(request=r, key=key, payload_digest=DIGEST, signed_at=start + i * step), "{}")
         for i, r in enumerate(requests)
     )
 

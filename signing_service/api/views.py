@@ -164,7 +164,7 @@ class SigningRequestBundleView(APIView):
     )
     def get(self, request: Request, pk: Any) -> HttpResponse | Response:
         req = get_object_or_404(SigningRequest.objects.visible_to(request.user), pk=pk)
-        sig = req.valid_signature() if req.state == RequestState.SIGNED else None
+        sig = req.valid_signature(with_bundle=True) if req.state == RequestState.SIGNED else None
         if sig is None:
             message = f"the request is {req.state}; a bundle exists only once it is signed"
             return Response(error_body("not_signed", message), status=409)
@@ -384,7 +384,7 @@ class SignatureBundleView(APIView):
         summary="One issued signature's bundle",
     )
     def get(self, request: Request, pk: int) -> HttpResponse:
-        sig = get_object_or_404(Signature.objects.visible_to(request.user), pk=pk)
+        sig = get_object_or_404(Signature.objects.visible_to(request.user).with_bundle(), pk=pk)
         return HttpResponse(sig.bundle, content_type=BUNDLE_MEDIA_TYPE)
 
 
