@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 
 from django.conf import settings
-from django.db import models
+from django.db import connections, models
 from django.db.models import Q
 from django.utils import timezone
 
@@ -29,15 +29,23 @@ class KeyBackendName(models.TextChoices):
     SIGSTORE = "sigstore"
 
 
-class SigningKeyQuerySet(models.QuerySet["SigningKey"]):
+class SigningKeyManager(models.Manager["SigningKey"]):
     def active_for(self, authority: str, at: datetime | None = None) -> SigningKey | None:
-        """The one key that may sign for ``authority`` now, or None."""
+        """The one key that may sign for ``authority`` now, or None.
+
+        Every signature asks, so the SELECT is written out (``signing_service.rows`` says
+        why); the times are prepared by the model's field, as a filter would. At most one
+        row matches: the ``one_active_key_per_authority`` constraint.
+        """
         at = at or timezone.now()
-        return (
-            self.filter(authority=authority, state=KeyState.ACTIVE, not_before__lte=at)
-            .filter(Q(not_after__isnull=True) | Q(not_after__gt=at))
-            .first()
+        connection = connections[self.db]
+        when = self.model._meta.get_field("not_before").get_db_prep_value(at, connection)
+        sql = (
+            f"SELECT * FROM {connection.ops.quote_name(self.model._meta.db_table)} "  # noqa: S608
+            "WHERE authority = %s AND state = %s "
+            "AND not_before <= %s AND (not_after IS NULL OR not_after > %s)"
         )
+        return next(iter(self.raw(sql, [authority, KeyState.ACTIVE, when, when])), None)
 
 
 class SigningKey(models.Model):
@@ -69,7 +77,7 @@ class SigningKey(models.Model):
         "when set, bundles carry it instead of the key hint.",
     )
 
-    objects = SigningKeyQuerySet.as_manager()
+    objects = SigningKeyManager()
 
     class Meta:
         constraints = [

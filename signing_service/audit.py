@@ -17,6 +17,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from signing_service import rows
 from signing_service.models import AuditEntry, AuditHead
 
 GENESIS = "0" * 64
@@ -51,15 +52,7 @@ def record(
     actor: str, action: str, *, target: Any = None, data: dict[str, Any] | None = None
 ) -> AuditEntry:
     """Append an entry. Must run inside the transaction that makes the change it records."""
-    if not transaction.get_connection().in_atomic_block:
-        raise RuntimeError("audit.record must be called inside the transaction it records")
-    # The head row lock makes concurrent appenders take turns, so seq has no gaps or forks.
-    # get_or_create: the migration makes the row, but a flushed test database has none.
-    head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
-    entry = _chained(head.seq + 1, timezone.now(), actor, action, target, data, head.entry_hash)
-    entry.save(force_insert=True)
-    AuditHead.objects.filter(pk=1).update(seq=entry.seq, entry_hash=entry.entry_hash)
-    return entry
+    return record_each([(actor, action, target, data)])[0]
 
 
 def record_each(
@@ -70,18 +63,42 @@ def record_each(
 
     The entries chain exactly as if recorded one by one; same transaction rule as ``record``.
     """
-    if not transaction.get_connection().in_atomic_block:
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
         raise RuntimeError("audit records must be appended inside the transaction they record")
-    head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
+    # The head row lock makes concurrent appenders take turns, so seq has no gaps or forks.
+    seq, prev = _lock_head(connection)
     now, chained = timezone.now(), []
-    seq, prev = head.seq, head.entry_hash
     for actor, action, target, data in entries:
         chained.append(_chained(seq + 1, now, actor, action, target, data, prev))
         seq, prev = chained[-1].seq, chained[-1].entry_hash
     if chained:
-        AuditEntry.objects.bulk_create(chained, batch_size=500)
-        AuditHead.objects.filter(pk=1).update(seq=seq, entry_hash=prev)
+        rows.insert(chained)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {_head(connection)} SET seq = %s, entry_hash = %s WHERE id = 1",  # noqa: S608
+                [seq, prev],
+            )
     return chained
+
+
+def _head(connection: Any) -> str:
+    # Statements on the head are written out (signing_service.rows says why): every
+    # signature appends here.
+    return str(connection.ops.quote_name(AuditHead._meta.db_table))
+
+
+def _lock_head(connection: Any) -> tuple[int, str]:
+    """(seq, hash) of the head, locked until the transaction ends (SQLite: the BEGIN
+    IMMEDIATE write lock already serialises writers)."""
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT seq, entry_hash FROM {_head(connection)} WHERE id = 1{lock}")  # noqa: S608
+        row = cursor.fetchone()
+    if row is None:  # the migration makes the row, but a flushed test database has none
+        head, _ = AuditHead.objects.select_for_update().get_or_create(pk=1)
+        return head.seq, head.entry_hash
+    return int(row[0]), str(row[1])
 
 
 def record_many(

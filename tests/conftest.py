@@ -43,6 +43,7 @@ POSTGRES_MODULES = frozenset(
         "test_signatures_api",
         "test_api_representation",
         "test_signature_bundle_migration",
+        "test_rows",
     }
 )
 

@@ -1,0 +1,114 @@
+"""signing_service.rows.insert writes exactly the row Model.save(force_insert=True) writes."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.forms.models import model_to_dict
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from signing_service import rows
+from signing_service.models import AuditEntry, RequestState, SigningRequest
+
+DIGEST = hashlib.sha256(b"rows").hexdigest()
+
+
+NOW = timezone.now()
+
+
+def request(version: str, **extra: Any) -> SigningRequest:
+    return SigningRequest(
+        authority="staging",
+        model_name="rows-model",
+        model_version=version,
+        resources=[{"name": "w.bin", "algorithm": "sha256", "digest": DIGEST}],
+        ignore_paths=["README.md"],
+        root_digest=DIGEST,
+        statement_digest=DIGEST,
+        policy_digest=DIGEST,
+        state=RequestState.SIGNED,
+        requester="ci@company.com",
+        ci={"repository": "https://git.example.com/r", "nested": {"ü": [1, 2.5, None, True]}},
+        body_digest=DIGEST,
+        signed_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+        **extra,
+    )
+
+
+def stored(obj: Any) -> dict[str, Any]:
+    """The row as the ORM reads it back, without its identity."""
+    fresh = type(obj).objects.get(pk=obj.pk)
+    values = model_to_dict(fresh)
+    for name in ("id", "model_version", "seq", "entry_hash", "created_at", "updated_at"):
+        values.pop(name, None)
+    return values
+
+
+@pytest.mark.django_db
+def test_a_row_inserted_by_rows_reads_back_as_the_orm_saves_it() -> None:
+    by_orm, by_rows = request("1.0.0"), request("2.0.0")
+    by_orm.save(force_insert=True)
+    rows.insert([by_rows])
+    assert stored(by_rows) == stored(by_orm)
+    # Defaults and auto_now are applied as save() applies them; the instance is saved.
+    fresh = SigningRequest.objects.get(pk=by_rows.pk)
+    assert fresh.updated_at == by_rows.updated_at and fresh.created_at == by_rows.created_at
+    assert by_rows._state.adding is False and by_rows._state.db == "default"
+    assert isinstance(fresh.pk, uuid.UUID) and fresh.ci["nested"] == {"ü": [1, 2.5, None, True]}
+
+
+def entry(seq: int, data: dict[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        seq=seq,
+        created_at=timezone.now(),
+        actor="rows@company.com",
+        action="rows.test",
+        data=data,
+        prev_hash="0" * 64,
+        entry_hash=f"{seq:064x}",
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_many_rows_get_their_own_database_ids_in_order() -> None:
+    entries = [entry(1000 + i, {"i": i}) for i in range(rows.BATCH + 7)]  # two statements
+    with CaptureQueriesContext(connection) as queries:
+        rows.insert(entries)
+    inserts = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("INSERT")]
+    assert len(inserts) == 2
+    ids = [e.pk for e in entries]
+    assert None not in ids and len(set(ids)) == len(ids)
+    # Each object got the id of its own row, whatever order the database chose.
+    assert dict(AuditEntry.objects.filter(pk__in=ids).values_list("pk", "seq")) == {
+        e.pk: e.seq for e in entries
+    }
+    one_by_orm = entry(5000, {"i": -1})
+    one_by_orm.save()
+    assert stored(one_by_orm) | {"data": None} == stored(entries[0]) | {"data": None}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_insert_stores_nothing_of_its_batch() -> None:
+    first = entry(7, {})
+    rows.insert([first])
+    clash = [entry(8, {}), entry(7, {})]  # seq is unique
+    with pytest.raises(IntegrityError), transaction.atomic():
+        rows.insert(clash)
+    assert list(AuditEntry.objects.values_list("seq", flat=True)) == [7]
+
+
+def test_bad_calls_are_refused_before_any_sql() -> None:
+    with pytest.raises(TypeError, match="all objects must be of one model"):
+        rows.insert([entry(1, {}), request("1")])
+    given = entry(2, {})
+    given.pk = 99
+    with pytest.raises(ValueError, match="primary key on all objects or on none"):
+        rows.insert([given, entry(3, {})])
+    rows.insert([])  # nothing to do
