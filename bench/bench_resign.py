@@ -252,7 +252,7 @@ def signed(key, n: int, start) -> None:  # type: ignore[no-untyped-def]
         )
         built = bundle.build_bundle(payload, der, hint=key.hint)
         rows.append((sig, bundle.bundle_bytes(built).decode()))
-    Signature.objects.store_many(rows, batch_size=2000)
+    Signature.objects.store_many(rows)
 
 
 def bare_loop(key, n: int) -> float:  # type: ignore[no-untyped-def]

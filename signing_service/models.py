@@ -14,6 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from keys.models import SigningKey
+from signing_service import rows
 from signing_service.manifest import Resource
 
 
@@ -152,24 +153,18 @@ class SignatureQuerySet(models.QuerySet["Signature"]):
         (or one of their own). ``sig.bundle`` then answers without a query."""
         # savepoint=False: inside the caller's transaction this adds no SQL of its own.
         with transaction.atomic(using=self.db, savepoint=False):
-            sig.save(force_insert=True, using=self.db)
-            SignatureBundle(signature=sig, json=bundle_json).save(force_insert=True, using=self.db)
+            rows.insert([sig])  # the hot signing path: see signing_service.rows
+            rows.insert([SignatureBundle(signature=sig, json=bundle_json)])
         return sig
 
-    def store_many(
-        self, rows: Iterable[tuple[Signature, str]], batch_size: int | None = None
-    ) -> list[Signature]:
+    def store_many(self, signed: Iterable[tuple[Signature, str]]) -> list[Signature]:
         """:meth:`store` for many: the signatures bulk-inserted, then their bundles with the
         primary keys the database returned (PostgreSQL, SQLite >= 3.35)."""
-        pairs = list(rows)
+        pairs = list(signed)
         with transaction.atomic(using=self.db, savepoint=False):
-            sigs = self.bulk_create([sig for sig, _ in pairs], batch_size=batch_size)
-            if any(sig.pk is None for sig in sigs):
-                raise RuntimeError("the database returned no ids for inserted signatures")
-            SignatureBundle.objects.using(self.db).bulk_create(
-                (SignatureBundle(signature=sig, json=text) for sig, text in pairs),
-                batch_size=batch_size,
-            )
+            sigs = [sig for sig, _ in pairs]
+            rows.insert(sigs)
+            rows.insert([SignatureBundle(signature=sig, json=text) for sig, text in pairs])
         return sigs
 
 

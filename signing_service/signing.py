@@ -31,7 +31,7 @@ from keys.backends.base import BackendUnavailable, KeyBackend, KeyBackendError
 from keys.models import SigningKey
 from keys.registry import backend_for
 from provenance.models import ProvenanceRecord, mark_without_provenance, provenance_of
-from signing_service import audit, bundle, metrics
+from signing_service import audit, bundle, metrics, rows
 from signing_service.manifest import Resource, root_digest, sort_resources
 from signing_service.models import (
     ApiToken,
@@ -415,7 +415,7 @@ def _new_request(
 
 
 def _insert_request(req: SigningRequest, record: ProvenanceRecord | None) -> None:
-    req.save(force_insert=True)
+    rows.insert([req])  # every submission: see signing_service.rows
     if record is not None:
         record.save(force_insert=True)
 

@@ -84,7 +84,7 @@ def bulk_signed(
             request=req, key=key, payload_digest=bundle.payload_digest(payload), signed_at=at
         )
         rows.append((sig, bundle.bundle_bytes(built).decode()))
-    return Signature.objects.store_many(rows, batch_size=2000)
+    return Signature.objects.store_many(rows)
 
 
 def _request(authority: str, model: str, policy_digest: str) -> SigningRequest:
