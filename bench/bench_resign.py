@@ -245,7 +245,9 @@ def signed(key, n: int, start) -> None:  # type: ignore[no-untyped-def]
     backend, rows = backend_for(key), []
     for i, req in enumerate(requests):
         at = start + timedelta(seconds=i)
-        payload = bundle.statement_payload(signing._signed_statement(req, key, at.isoformat()))
+        payload = bundle.statement_payload(
+            signing._signed_statement(req, key, at.isoformat(), signing.base_statement(req))
+        )
         der = backend.sign(key.key_ref, bundle.pae(payload))
         sig = Signature(
             request=req, key=key, signed_at=at, payload_digest=bundle.payload_digest(payload)

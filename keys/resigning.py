@@ -56,7 +56,7 @@ from signing_service.signing import (
     _check_signature,
     _ensure_usable,
     _signed_statement,
-    statement_digest,
+    bound_statement,
 )
 
 log = logging.getLogger(__name__)
@@ -543,12 +543,14 @@ class _Built:
 
 def _sign(sig: Signature, batch: ResignBatch) -> tuple[_Built, str]:
     req = sig.request
-    if statement_digest(req) != req.statement_digest:
-        raise _Permanent("the request's statement no longer matches its digest")
+    try:
+        base = bound_statement(req)
+    except SigningRefused as exc:
+        raise _Permanent(exc.message) from None
     key = batch.new_key
     reason = Reason.REVOCATION if sig.state == SignatureState.QUARANTINED else Reason.ROTATION
     signed_at = timezone.now()
-    statement = _signed_statement(req, key, signed_at.isoformat())
+    statement = _signed_statement(req, key, signed_at.isoformat(), base)
     statement["predicate"][bundle.SERVICE_PREDICATE_KEY]["supersedes"] = {
         "signature": sig.pk,
         "key_hint": sig.key.hint if sig.key else None,

@@ -116,19 +116,29 @@ def statement_digest(req: SigningRequest) -> str:
     return bundle.payload_digest(bundle.statement_payload(base_statement(req)))
 
 
+def bound_statement(req: SigningRequest) -> dict[str, Any]:
+    """The request's base statement, checked against the digest it was bound to."""
+    base = base_statement(req)
+    if bundle.payload_digest(bundle.statement_payload(base)) != req.statement_digest:
+        raise SigningRefused(
+            "digest_mismatch", "the request's statement no longer matches its digest"
+        )
+    return base
+
+
 def _signed_statement(
-    req: SigningRequest, key: SigningKey | None, signed_at: str
+    req: SigningRequest, key: SigningKey | None, signed_at: str, base: dict[str, Any]
 ) -> dict[str, Any]:
-    meta = _base_metadata(req) | {
+    """``base`` (the request's :func:`bound_statement`, changed in place) with the signing-time
+    fields added to the service's metadata."""
+    base["predicate"][bundle.SERVICE_PREDICATE_KEY] |= {
         "statement_digest": req.statement_digest,
         "policy_digest": req.policy_digest,
         "key_hint": key.hint if key else None,
         "signed_at": signed_at,
         "approvals": _approvals_for_statement(req),
     }
-    return bundle.build_statement(
-        req.model_name, req.resource_list, ignore_paths=req.ignore_paths, service_metadata=meta
-    )
+    return base
 
 
 def _approvals_for_statement(req: SigningRequest) -> list[dict[str, str]]:
@@ -525,11 +535,11 @@ def _signature_for(
     req: SigningRequest,
 ) -> tuple[SigningKey, bytes, bytes, tuple[bytes, bytes] | None]:
     """Checks, then the HSM: (key, payload, DER signature, provenance's). Stores nothing."""
-    key = _check_before_signing(req)
+    key, base = _check_before_signing(req)
     backend = backend_for(key)
     _ensure_usable(backend, key)
     signed_at = timezone.now().isoformat()
-    payload = bundle.statement_payload(_signed_statement(req, key, signed_at))
+    payload = bundle.statement_payload(_signed_statement(req, key, signed_at, base))
     started = time.perf_counter()
     der = backend.sign(key.key_ref, bundle.pae(payload))
     metrics.observe_signing(key.backend, time.perf_counter() - started)
@@ -562,11 +572,7 @@ def sign_keyless(request_id: Any, authority: Authority, identity_token: str) -> 
     if not claimed:
         return req
     try:
-        if statement_digest(req) != req.statement_digest:
-            raise SigningRefused(
-                "digest_mismatch", "the request's statement no longer matches its digest"
-            )
-        statement = _signed_statement(req, None, timezone.now().isoformat())
+        statement = _signed_statement(req, None, timezone.now().isoformat(), bound_statement(req))
         signer = sigstore_signer()
         identity, _ = signer.identity_of(identity_token)
         result = signer.sign_statement(
@@ -578,11 +584,9 @@ def sign_keyless(request_id: Any, authority: Authority, identity_token: str) -> 
     return _record_signature(req, None, bundle_json, bundle.statement_payload(statement), identity)
 
 
-def _check_before_signing(req: SigningRequest) -> SigningKey:
-    if statement_digest(req) != req.statement_digest:
-        raise SigningRefused(
-            "digest_mismatch", "the request's statement no longer matches its digest"
-        )
+def _check_before_signing(req: SigningRequest) -> tuple[SigningKey, dict[str, Any]]:
+    """The key to sign ``req`` with now, and the request's checked base statement."""
+    base = bound_statement(req)
     authority = current_policy().authority(req.authority)
     if authority is None:
         raise SigningRefused(
@@ -612,7 +616,7 @@ def _check_before_signing(req: SigningRequest) -> SigningKey:
             "policy_changed",
             f"the active key is on {key.backend} but the policy requires {authority.backend}",
         )
-    return key
+    return key, base
 
 
 def _check_approvals(req: SigningRequest) -> None:

@@ -77,7 +77,9 @@ def bulk_signed(
     rows = []
     for i, req in enumerate(requests):
         at = start + i * step
-        payload = bundle.statement_payload(signing._signed_statement(req, key, at.isoformat()))
+        payload = bundle.statement_payload(
+            signing._signed_statement(req, key, at.isoformat(), signing.base_statement(req))
+        )
         der = backend.sign(key.key_ref, bundle.pae(payload))
         built = bundle.build_bundle(payload, der, hint=key.hint)
         sig = Signature(

@@ -150,8 +150,10 @@ def test_a_late_worker_finishing_after_a_reclaim_publishes_no_second_signature(
 ) -> None:
     req = approved_request()
     late = SigningRequest.objects.get(pk=req.pk)
-    key = signing._check_before_signing(late)
-    payload = bundle.statement_payload(signing._signed_statement(late, key, "2026-01-01T00:00Z"))
+    key, base = signing._check_before_signing(late)
+    payload = bundle.statement_payload(
+        signing._signed_statement(late, key, "2026-01-01T00:00Z", base)
+    )
     der = signing.backend_for(key).sign(key.key_ref, bundle.pae(payload))  # signed, not stored
     SigningRequest.objects.filter(pk=req.pk).update(
         state="signing", updated_at=timezone.now() - timedelta(hours=1)
