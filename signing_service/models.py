@@ -173,10 +173,19 @@ class Signature(models.Model):
     state changes (quarantine, supersede) rewrite small rows: both databases write a whole
     row again on UPDATE."""
 
-    request = models.ForeignKey(SigningRequest, on_delete=models.PROTECT, related_name="signatures")
+    # Neither foreign key has an index of its own: one_signature_per_request_key starts with
+    # the request, sig_key_signed with the key (every signature paid for two more indexes).
+    request = models.ForeignKey(
+        SigningRequest, on_delete=models.PROTECT, related_name="signatures", db_index=False
+    )
     #: The service-held key that signed; null for keyless (Sigstore) signatures.
     key = models.ForeignKey(
-        SigningKey, null=True, blank=True, on_delete=models.PROTECT, related_name="signatures"
+        SigningKey,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="signatures",
+        db_index=False,
     )
     #: For keyless signatures: the identity in the short-lived Fulcio certificate.
     signer_identity = models.CharField(max_length=320, blank=True)
