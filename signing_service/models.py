@@ -324,7 +324,7 @@ class AuditEntry(models.Model):
     actor = models.CharField(max_length=320)
     action = models.CharField(max_length=64, db_index=True)
     target_type = models.CharField(max_length=64, blank=True)
-    target_id = models.CharField(max_length=64, blank=True, db_index=True)
+    target_id = models.CharField(max_length=64, blank=True)  # indexed in Meta: equality only
     data = models.JSONField(default=dict)
     prev_hash = models.CharField(max_length=64)
     entry_hash = models.CharField(max_length=64)
@@ -334,6 +334,9 @@ class AuditEntry(models.Model):
     class Meta:
         ordering = ["seq"]
         verbose_name_plural = "audit entries"
+        # Not db_index=True: on PostgreSQL that adds a second (LIKE) index no query uses, and
+        # every signature appends entries.
+        indexes = [models.Index(fields=["target_id"], name="audit_target")]
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} by {self.actor}"
