@@ -478,14 +478,17 @@ def _oidc_audit(principal: Principal) -> dict[str, Any]:
 def sign_or_enqueue(request_id: Any) -> SigningRequest:
     """Sign now (``SIGNING_MODE=inline``) or hand the request to the Celery worker (``worker``).
 
-    In worker mode the request is returned still ``approved``; the caller polls for the result.
+    In worker mode the request is returned as it was handed over (``approved``), read before
+    the worker can claim it, so the answer does not depend on how fast the worker is; the
+    caller polls for the result.
     """
     if settings.SIGNING_MODE != "worker":
         return sign(request_id)
     from worker.tasks.signing import enqueue_signing  # only worker mode imports Celery
 
+    req = SigningRequest.objects.select_related("provenance").get(pk=request_id)
     enqueue_signing(request_id)
-    return SigningRequest.objects.select_related("provenance").get(pk=request_id)
+    return req
 
 
 #: Waiting requests one key activation signs in its own process (inline mode); the worker's
