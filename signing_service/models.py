@@ -158,8 +158,8 @@ class SignatureQuerySet(models.QuerySet["Signature"]):
         return sig
 
     def store_many(self, signed: Iterable[tuple[Signature, str]]) -> list[Signature]:
-        """:meth:`store` for many: the signatures bulk-inserted, then their bundles with the
-        primary keys the database returned (PostgreSQL, SQLite >= 3.35)."""
+        """:meth:`store` for many: the signatures inserted together, then their bundles with
+        the primary keys the signatures were given (see :func:`signing_service.rows.insert`)."""
         pairs = list(signed)
         with transaction.atomic(using=self.db, savepoint=False):
             sigs = [sig for sig, _ in pairs]
