@@ -43,7 +43,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from approvals.groups import approver_authorities, approver_group, identity_of
-from approvals.services import check_fresh_otp
+from approvals.services import approvals_for_statements, check_fresh_otp
 from keys.backends.base import BackendUnavailable, KeyBackendError
 from keys.models import Incident, KeyState, ResignBatch, ResignDecision, SigningKey
 from keys.registry import backend_for
@@ -405,6 +405,8 @@ def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str]
         if sig.key_id == batch.old_key_id:
             sig.key = batch.old_key  # the batch's signatures are the old key's: one object
     outcomes["done"] += len(claimed) - len(sigs)
+    # Production statements list their approvals: one query for the chunk, not one each.
+    approvals = approvals_for_statements(s.request for s in sigs if s.request.required_approvals)
     built: list[tuple[Signature, _Built, str]] = []
     waiting: list[int] = []
     for position, sig in enumerate(sigs):
@@ -412,7 +414,7 @@ def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str]
             outcomes["done"] += 1  # a concurrent single try finished it
             continue
         try:
-            built.append((sig, *_sign(sig, batch)))
+            built.append((sig, *_sign(sig, batch, approvals.get(sig.request_id))))
         except BackendUnavailable as exc:
             waiting = [s.pk for s in sigs[position:]]
             log.warning("re-signing %d signatures waits for the %s backend: %s",
@@ -541,7 +543,9 @@ class _Built:
     signed_at: datetime
 
 
-def _sign(sig: Signature, batch: ResignBatch) -> tuple[_Built, str]:
+def _sign(
+    sig: Signature, batch: ResignBatch, approvals: list[dict[str, str]] | None = None
+) -> tuple[_Built, str]:
     req = sig.request
     try:
         base = bound_statement(req)
@@ -550,7 +554,7 @@ def _sign(sig: Signature, batch: ResignBatch) -> tuple[_Built, str]:
     key = batch.new_key
     reason = Reason.REVOCATION if sig.state == SignatureState.QUARANTINED else Reason.ROTATION
     signed_at = timezone.now()
-    statement = _signed_statement(req, key, signed_at.isoformat(), base)
+    statement = _signed_statement(req, key, signed_at.isoformat(), base, approvals)
     statement["predicate"][bundle.SERVICE_PREDICATE_KEY]["supersedes"] = {
         "signature": sig.pk,
         "key_hint": sig.key.hint if sig.key else None,

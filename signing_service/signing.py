@@ -127,16 +127,21 @@ def bound_statement(req: SigningRequest) -> dict[str, Any]:
 
 
 def _signed_statement(
-    req: SigningRequest, key: SigningKey | None, signed_at: str, base: dict[str, Any]
+    req: SigningRequest,
+    key: SigningKey | None,
+    signed_at: str,
+    base: dict[str, Any],
+    approvals: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """``base`` (the request's :func:`bound_statement`, changed in place) with the signing-time
-    fields added to the service's metadata."""
+    fields added to the service's metadata. ``approvals``: the request's, if the caller
+    fetched them with others' (else they are read here)."""
     base["predicate"][bundle.SERVICE_PREDICATE_KEY] |= {
         "statement_digest": req.statement_digest,
         "policy_digest": req.policy_digest,
         "key_hint": key.hint if key else None,
         "signed_at": signed_at,
-        "approvals": _approvals_for_statement(req),
+        "approvals": _approvals_for_statement(req) if approvals is None else approvals,
     }
     return base
 

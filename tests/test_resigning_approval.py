@@ -144,3 +144,43 @@ def test_an_unknown_batch_is_not_found(batch: ResignBatch) -> None:
             otp_verified_at=timezone.now(),
         )
     assert exc.value.status == 404
+
+
+def test_re_signed_production_statements_list_their_approvals_read_once_per_chunk(
+    active_keys: Any, make_user: Any
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from approvals.models import Approval
+    from keys.models import SigningKey
+    from signing_service.bundle import SERVICE_PREDICATE_KEY, load_public_key, verify_bundle
+    from signing_service.models import SigningRequest
+
+    alice, bob = make_user("alice"), make_user("bob")
+    old = backdate(active_keys["production"])
+    sigs = bulk_signed(old, 3, start=timezone.now() - timedelta(days=2), step=timedelta(hours=1))
+    decided = timezone.now() - timedelta(days=3)
+    for sig in sigs:
+        req = sig.request
+        SigningRequest.objects.filter(pk=req.pk).update(required_approvals=2)
+        for minutes, user in enumerate((bob, alice)):  # bob first: order is by decision time
+            Approval.objects.create(
+                request=req, approver=user, approver_identity=user.email, decision="approve",
+                statement_digest=req.statement_digest, policy_digest=req.policy_digest,
+                decided_at=decided + timedelta(minutes=minutes), otp_verified_at=decided,
+            )  # fmt: skip
+    rotate(old)
+    batch = ResignBatch.objects.get()
+    approve(batch, alice)
+    with CaptureQueriesContext(connection) as queries:
+        approve(batch, bob)  # the quorum: the batch is re-signed now, in one chunk
+    assert resigned() == 3
+    table = Approval._meta.db_table
+    reads = [q["sql"] for q in queries.captured_queries if f'FROM "{table}"' in q["sql"]]
+    assert len(reads) == 1, reads
+    new_key = SigningKey.objects.get(authority="production", state="active")
+    for new in Signature.objects.with_bundle().filter(supersedes__isnull=False):
+        statement = verify_bundle(new.bundle.encode(), load_public_key(new_key.public_key_pem))
+        listed = statement.statement["predicate"][SERVICE_PREDICATE_KEY]["approvals"]
+        assert [a["approver"] for a in listed] == [bob.email, alice.email]

@@ -87,10 +87,10 @@ def test_an_unexpected_error_fails_only_its_signature_which_is_retried_alone(
     batch, pks = planned(active_keys, 3)
     real_sign = resigning._sign
 
-    def broken_for_one(sig: Signature, batch: ResignBatch) -> Any:
+    def broken_for_one(sig: Signature, batch: ResignBatch, *rest: Any) -> Any:
         if sig.pk == pks[0]:
             raise RuntimeError("a bug that only this signature hits")
-        return real_sign(sig, batch)
+        return real_sign(sig, batch, *rest)
 
     monkeypatch.setattr(resigning, "_sign", broken_for_one)
     assert resigning.resign_many(batch.pk, pks) == ({"resigned": 2, "error": 1}, [])
@@ -142,10 +142,10 @@ def test_a_signature_that_kills_its_signer_uses_up_only_its_own_attempts(
     poison = pks[1]
     real_sign = resigning._sign
 
-    def dies_on_poison(sig: Signature, batch: ResignBatch) -> Any:
+    def dies_on_poison(sig: Signature, batch: ResignBatch, *rest: Any) -> Any:
         if sig.pk == poison:
             raise Killed
-        return real_sign(sig, batch)
+        return real_sign(sig, batch, *rest)
 
     monkeypatch.setattr(resigning, "_sign", dies_on_poison)
     kills = 0
