@@ -35,6 +35,8 @@ TMP = Path(tempfile.mkdtemp(prefix="bench-resign-"))
 os.environ["VAR_DIR"] = str(TMP)
 (TMP / "static").mkdir()
 
+from benchdb import start_postgres, stop_postgres  # noqa: E402
+
 from keys import softhsm  # noqa: E402  (loads no PKCS#11)
 
 CONF = softhsm.write_conf(TMP / "softhsm")
@@ -128,23 +130,7 @@ def main() -> None:
             worker.wait(30)
         redis.terminate()
         redis.wait(10)
-        if cluster is not None:
-            from django.db import connections
-
-            connections.close_all()
-            cluster.stop()
-
-
-def start_postgres():  # type: ignore[no-untyped-def]
-    """A throwaway PostgreSQL cluster (fsync off, as in the tests); DATABASE_URL points at it."""
-    from tests.postgres_server import PostgresUnavailable, start_cluster
-
-    try:
-        cluster = start_cluster()
-    except PostgresUnavailable as exc:
-        raise SystemExit(f"--database postgres: {exc}") from None
-    os.environ["DATABASE_URL"] = cluster.url
-    return cluster
+        stop_postgres(cluster)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -31,6 +31,8 @@ os.makedirs(os.path.join(os.environ["VAR_DIR"], "static"))
 atexit.register(shutil.rmtree, os.environ["VAR_DIR"], ignore_errors=True)  # ~1 GB at 200,000
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "signing_service.settings")
 
+from benchdb import start_postgres, stop_postgres  # noqa: E402
+
 DIGEST = hashlib.sha256(b"x").hexdigest()
 
 
@@ -121,23 +123,7 @@ def main() -> None:
         django.setup()
         run(args.signatures, bundle, args.database)
     finally:
-        if cluster is not None:
-            from django.db import connections
-
-            connections.close_all()
-            cluster.stop()
-
-
-def start_postgres():  # type: ignore[no-untyped-def]
-    """A throwaway PostgreSQL cluster (fsync off, as in the tests); DATABASE_URL points at it."""
-    from tests.postgres_server import PostgresUnavailable, start_cluster
-
-    try:
-        cluster = start_cluster()
-    except PostgresUnavailable as exc:
-        raise SystemExit(f"--database postgres: {exc}") from None
-    os.environ["DATABASE_URL"] = cluster.url
-    return cluster
+        stop_postgres(cluster)
 
 
 if __name__ == "__main__":

@@ -591,16 +591,7 @@ def _store(sig: Signature, batch: ResignBatch, built: _Built, reason: str) -> st
             )
             if moved != 1:
                 raise _Lost
-            new = Signature.objects.store(
-                Signature(
-                    request_id=sig.request_id,
-                    key=key,
-                    payload_digest=bundle.payload_digest(built.payload),
-                    signed_at=built.signed_at,
-                    supersedes=sig,
-                ),
-                built.bundle_json,
-            )
+            new = Signature.objects.store(_successor(sig, key, built), built.bundle_json)
             target, data = _resigned_record(batch, sig, new, reason)
             audit.record(ACTOR, "signature.resigned", target=target, data=data)
     except (IntegrityError, _Lost):
@@ -650,17 +641,18 @@ def _create_successors(
     key: SigningKey, built: list[tuple[Signature, _Built, str]]
 ) -> list[Signature]:
     return Signature.objects.store_many(
-        (
-            Signature(
-                request_id=sig.request_id,
-                key=key,
-                payload_digest=bundle.payload_digest(one.payload),
-                signed_at=one.signed_at,
-                supersedes_id=sig.pk,
-            ),
-            one.bundle_json,
-        )
-        for sig, one, _ in built
+        (_successor(sig, key, one), one.bundle_json) for sig, one, _ in built
+    )
+
+
+def _successor(sig: Signature, key: SigningKey, built: _Built) -> Signature:
+    """The unsaved signature that supersedes ``sig``."""
+    return Signature(
+        request_id=sig.request_id,
+        key=key,
+        payload_digest=bundle.payload_digest(built.payload),
+        signed_at=built.signed_at,
+        supersedes_id=sig.pk,
     )
 
 

@@ -113,13 +113,17 @@ def base_statement(req: SigningRequest) -> dict[str, Any]:
 
 
 def statement_digest(req: SigningRequest) -> str:
-    return bundle.payload_digest(bundle.statement_payload(base_statement(req)))
+    return _digest_of(base_statement(req))
+
+
+def _digest_of(statement: dict[str, Any]) -> str:
+    return bundle.payload_digest(bundle.statement_payload(statement))
 
 
 def bound_statement(req: SigningRequest) -> dict[str, Any]:
     """The request's base statement, checked against the digest it was bound to."""
     base = base_statement(req)
-    if bundle.payload_digest(bundle.statement_payload(base)) != req.statement_digest:
+    if _digest_of(base) != req.statement_digest:
         raise SigningRefused(
             "digest_mismatch", "the request's statement no longer matches its digest"
         )
@@ -327,13 +331,8 @@ def _create(
     """Store the request and its audit record: approved, or pending approval."""
     needs_approval = authority.requires_approval
     state = RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED
-    req, record = _new_request(principal, authority, sub, digest, key, state)
-    with transaction.atomic():
-        _insert_request(req, record)
-        audit.record(
-            principal.identity, "signing_request.created", target=req,
-            data=_created_audit(principal, req, sub, record, state),
-        )  # fmt: skip
+    req, record, _ = _new_request(principal, authority, sub, digest, key, state)
+    _insert_created(principal, req, sub, record, state)
     return req
 
 
@@ -350,16 +349,11 @@ def _create_signed(
     Not signed now (no active key, backend down, refused): the request is stored as any
     other and waits or fails with its reason, as :func:`sign` leaves it.
     """
-    req, record = _new_request(principal, authority, sub, digest, key, RequestState.SIGNING)
+    req, record, base = _new_request(principal, authority, sub, digest, key, RequestState.SIGNING)
     try:
-        signing_key, payload, der, provenance = _signature_for(req)
+        signing_key, payload, der, provenance = _signature_for(req, base)
     except _NOT_SIGNED as exc:
-        with transaction.atomic():
-            _insert_request(req, record)
-            audit.record(
-                principal.identity, "signing_request.created", target=req,
-                data=_created_audit(principal, req, sub, record, RequestState.APPROVED),
-            )  # fmt: skip
+        _insert_created(principal, req, sub, record, RequestState.APPROVED)
         return _not_signed(req, exc)
     now = timezone.now()
     req.state, req.signed_at = RequestState.SIGNED, now
@@ -393,8 +387,9 @@ def _new_request(
     digest: str,
     key: str | None,
     state: str,
-) -> tuple[SigningRequest, ProvenanceRecord | None]:
-    """The unsaved request (bound to its statement digest) and its provenance record."""
+) -> tuple[SigningRequest, ProvenanceRecord | None, dict[str, Any]]:
+    """The unsaved request (bound to its statement digest), its provenance record, and the
+    base statement it is bound to (built once; signing at submission goes on from it)."""
     policy = current_policy()
     now = timezone.now()
     req = SigningRequest(
@@ -425,8 +420,25 @@ def _new_request(
         record = ProvenanceRecord.for_submission(req, sub.provenance)
     else:
         mark_without_provenance(req)
-    req.statement_digest = statement_digest(req)
-    return req, record
+    base = base_statement(req)
+    req.statement_digest = _digest_of(base)
+    return req, record, base
+
+
+def _insert_created(
+    principal: Principal,
+    req: SigningRequest,
+    sub: Submission,
+    record: ProvenanceRecord | None,
+    state: str,
+) -> None:
+    """Store the new request and its ``signing_request.created`` record, together."""
+    with transaction.atomic():
+        _insert_request(req, record)
+        audit.record(
+            principal.identity, "signing_request.created", target=req,
+            data=_created_audit(principal, req, sub, record, state),
+        )  # fmt: skip
 
 
 def _insert_request(req: SigningRequest, record: ProvenanceRecord | None) -> None:
@@ -540,10 +552,13 @@ def _sign_claimed(req: SigningRequest) -> SigningRequest:
 
 
 def _signature_for(
-    req: SigningRequest,
+    req: SigningRequest, base: dict[str, Any] | None = None
 ) -> tuple[SigningKey, bytes, bytes, tuple[bytes, bytes] | None]:
-    """Checks, then the HSM: (key, payload, DER signature, provenance's). Stores nothing."""
-    key, base = _check_before_signing(req)
+    """Checks, then the HSM: (key, payload, DER signature, provenance's). Stores nothing.
+
+    ``base``: the base statement of a request built just now (:func:`_new_request`), which
+    needs no check against its digest; a stored request's is rebuilt and checked."""
+    key, base = _check_before_signing(req, base)
     backend = backend_for(key)
     _ensure_usable(backend, key)
     signed_at = timezone.now().isoformat()
@@ -592,9 +607,11 @@ def sign_keyless(request_id: Any, authority: Authority, identity_token: str) -> 
     return _record_signature(req, None, bundle_json, bundle.statement_payload(statement), identity)
 
 
-def _check_before_signing(req: SigningRequest) -> tuple[SigningKey, dict[str, Any]]:
+def _check_before_signing(
+    req: SigningRequest, base: dict[str, Any] | None = None
+) -> tuple[SigningKey, dict[str, Any]]:
     """The key to sign ``req`` with now, and the request's checked base statement."""
-    base = bound_statement(req)
+    base = bound_statement(req) if base is None else base
     authority = current_policy().authority(req.authority)
     if authority is None:
         raise SigningRefused(
