@@ -368,7 +368,7 @@ def _claim(batch: ResignBatch, ids: list[int]) -> set[int]:
         claimed = set(
             Signature.objects.select_for_update(skip_locked=True)
             .filter(
-                pk__in=ids,
+                pk__any=ids,
                 resign_batch=batch,
                 state__in=expected_states(batch),
                 resign_attempts=0,
@@ -376,7 +376,7 @@ def _claim(batch: ResignBatch, ids: list[int]) -> set[int]:
             .values_list("pk", flat=True)
         )
         if claimed:
-            Signature.objects.filter(pk__in=claimed).update(
+            Signature.objects.filter(pk__any=claimed).update(
                 resign_attempts=F("resign_attempts") + 1
             )
     return claimed
@@ -387,7 +387,7 @@ def _tried_before(batch: ResignBatch, ids: list[int]) -> list[int]:
     if not ids:
         return []
     return list(
-        Signature.objects.filter(pk__in=ids, resign_batch=batch, state__in=expected_states(batch))
+        Signature.objects.filter(pk__any=ids, resign_batch=batch, state__in=expected_states(batch))
         .order_by("pk")
         .values_list("pk", flat=True)
     )
@@ -397,8 +397,9 @@ def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str]
     """Sign the claimed signatures and store them together; (outcomes, ids that wait)."""
     outcomes: Counter[str] = Counter()
     sigs = list(
-        Signature.objects.filter(pk__in=claimed)
+        Signature.objects.filter(pk__any=claimed)
         .select_related("request", "request__provenance")  # no query per statement
+        .only(*_LOADED)
         .order_by("pk")
     )
     for sig in sigs:
@@ -430,10 +431,24 @@ def _resign_claimed(batch: ResignBatch, claimed: set[int]) -> tuple[Counter[str]
     finally:
         # Not the signatures' fault: give the attempts back, they are tried in bulk again.
         if waiting:
-            Signature.objects.filter(pk__in=waiting, resign_attempts__gt=0).update(
+            Signature.objects.filter(pk__any=waiting, resign_attempts__gt=0).update(
                 resign_attempts=F("resign_attempts") - 1
             )
     return outcomes, waiting
+
+
+#: What re-signing reads of a claimed signature, its request (the statement's fields) and
+#: provenance (its summary): not the rest (CI claims, timestamps, the provenance payload).
+_LOADED = (
+    *("state", "payload_digest", "key", "resign_batch", "resign_attempts"),
+    *(f"request__{name}" for name in (
+        "authority", "model_name", "model_version", "resources", "ignore_paths", "requester",
+        "statement_digest", "policy_digest", "required_approvals",
+    )),
+    *(f"request__provenance__{name}" for name in (
+        "subject_digest", "builder_id", "build_type", "statement_digest",
+    )),
+)  # fmt: skip
 
 
 def _failed_try(batch: ResignBatch, sig: Signature, exc: Exception) -> str:
@@ -620,7 +635,7 @@ def _store_many(batch: ResignBatch, built: list[tuple[Signature, _Built, str]]) 
             for state, pks in by_state.items():
                 # Conditional: each must still be in the state it was signed for.
                 moved = Signature.objects.filter(
-                    pk__in=pks, state=state, resign_batch=batch
+                    pk__any=pks, state=state, resign_batch=batch
                 ).update(state=SignatureState.SUPERSEDED)
                 if moved != len(pks):
                     raise _Taken

@@ -9,6 +9,7 @@ class SigningServiceConfig(AppConfig):
     def ready(self) -> None:
         from django.core.signals import setting_changed
 
+        from signing_service import lookups  # noqa: F401 (registers field__any)
         from signing_service.oidc_config import OidcConfigError, current_oidc_config
         from signing_service.policy import PolicyError, current_policy
 

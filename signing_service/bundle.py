@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
 from typing import Any
 
 from cryptography import x509
@@ -237,7 +238,46 @@ def build_bundle(
 
 
 def bundle_bytes(bundle: Mapping[str, Any]) -> bytes:
-    return json.dumps(bundle, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+    return pretty_json(bundle).encode("utf-8") + b"\n"
+
+
+def pretty_json(value: Any) -> str:
+    """Exactly ``json.dumps(value, indent=2)``, several times faster.
+
+    With ``indent`` the standard library leaves its C encoder for a generator per container,
+    which cost about 0.1 ms per bundle, a tenth of re-signing's work per signature
+    (docs/benchmarks.md). Strings go through the C quoting function, other scalars through
+    ``json.dumps``; anything else (a dict with keys that are not strings, tuples in dict keys,
+    objects ``json`` cannot encode) goes the standard way, with its result or its error.
+    """
+    try:
+        return _pretty(value, "\n")
+    except _NotPlain:
+        return json.dumps(value, indent=2)
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _pretty(value: Any, newline: str) -> str:
+    if isinstance(value, str):
+        return _quote(value)
+    inner = newline + "  "
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        if not all(isinstance(k, str) for k in value):
+            raise _NotPlain
+        items = [_quote(k) + ": " + _pretty(v, inner) for k, v in value.items()]
+        return "{" + inner + ("," + inner).join(items) + newline + "}"
+    if isinstance(value, list | tuple):
+        if not value:
+            return "[]"
+        return "[" + inner + ("," + inner).join(_pretty(v, inner) for v in value) + newline + "]"
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    raise _NotPlain
 
 
 @dataclass(frozen=True)

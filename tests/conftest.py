@@ -44,6 +44,7 @@ POSTGRES_MODULES = frozenset(
         "test_api_representation",
         "test_signature_bundle_migration",
         "test_rows",
+        "test_lookups",
     }
 )
 

@@ -138,3 +138,26 @@ def test_extra_resource_fields_do_not_crash_verification() -> None:
     statement["predicate"]["resources"][0]["size"] = 12
     verified = bundle.verify_bundle(make_bundle(key, statement), key.public_key())
     assert verified.resources == [Resource("f", D)]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=25,
+)
+
+
+@given(_json_values)
+def test_pretty_json_is_exactly_json_dumps_with_indent_2(value: object) -> None:
+    assert bundle.pretty_json(value) == json.dumps(value, indent=2)
+
+
+def test_pretty_json_falls_back_to_json_for_what_it_does_not_handle() -> None:
+    odd = {"t": (1, "é"), "nested": {3: [], None: {}}}  # tuples; keys that are not strings
+    assert bundle.pretty_json(odd) == json.dumps(odd, indent=2)
+    with pytest.raises(TypeError):
+        bundle.pretty_json({"x": object()})
+    built = bundle.build_bundle(b"{}", b"\x30\x06", certificate_chain_der=[b"leaf", b"ca"])
+    assert bundle.bundle_bytes(built) == json.dumps(built, indent=2).encode() + b"\n"

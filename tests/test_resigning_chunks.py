@@ -17,8 +17,10 @@ from django.utils import timezone
 from keys import resigning
 from keys.models import ResignBatch
 from keys.revocation import revoke
-from signing_service import audit, bundle
+from provenance.models import ProvenanceRecord
+from signing_service import audit, bundle, signing
 from signing_service.models import AuditEntry, Signature, SigningRequest
+from tests import provenance_helpers
 from tests.resigning_helpers import backdate, bulk_signed, rotate
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.django_db]
@@ -66,6 +68,38 @@ def test_a_chunk_is_stored_with_a_fixed_number_of_queries(active_keys: Any) -> N
     )
     assert resigning.resign_many(batch.pk, pks) == ({"done": 120}, [])  # a redelivery
     assert successors(pks) == 120
+
+
+def test_a_statement_with_provenance_keeps_its_summary_and_the_query_count(
+    active_keys: Any,
+) -> None:
+    # The chunk loads only what the statements need (not the provenance payload or bundle):
+    # the summary the approvals covered must still be in the re-signed statement.
+    batch, pks = planned(active_keys, 3)
+    req = SigningRequest.objects.get(signatures=pks[1])
+    record = ProvenanceRecord.objects.create(
+        request=req,
+        statement=provenance_helpers.statement(req.root_digest),
+        statement_digest="d" * 64,
+        subject_digest=req.root_digest,
+        builder_id=provenance_helpers.GITHUB_BUILDER,
+        build_type=provenance_helpers.BUILD_TYPE,
+        bundle='{"big": "bundle"}',
+    )
+    req.refresh_from_db()  # its statement now binds the provenance summary
+    SigningRequest.objects.filter(pk=req.pk).update(statement_digest=signing.statement_digest(req))
+    with CaptureQueriesContext(connection) as queries:
+        assert resigning.resign_many(batch.pk, pks) == ({"resigned": 3}, [])
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert len(sql) <= 30, [q[:80] for q in sql]
+    # Read with the chunk's join, once, without its bundle (no deferred field loaded later).
+    assert not [q for q in sql if 'FROM "provenance_provenancerecord"' in q]
+    assert not [q for q in sql if '"provenance_provenancerecord"."bundle"' in q]
+    new = Signature.objects.get(supersedes=pks[1])
+    public = bundle.load_public_key(batch.new_key.public_key_pem)
+    meta = bundle.verify_bundle(new.bundle, public).service_metadata
+    assert meta["provenance"] == record.predicate_summary()
+    assert meta["supersedes"]["signature"] == pks[1]
 
 
 def test_a_signature_that_cannot_be_re_signed_fails_alone(active_keys: Any) -> None:
