@@ -79,3 +79,26 @@ def test_it_keeps_every_bundle_across_the_migration_and_its_reverse() -> None:
         migrate(*leaves)
     copied = SignatureBundle.objects.filter(signature__in=ids).order_by("pk")
     assert [(b.signature_id, b.json) for b in copied] == list(zip(ids, BUNDLES, strict=True))
+
+
+def bundle_storage() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT attstorage FROM pg_attribute"
+            " WHERE attrelid = 'signing_service_signaturebundle'::regclass AND attname = 'json'"
+        )
+        return str(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_postgresql_stores_bundles_without_trying_to_compress_them() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("a PostgreSQL storage setting (SQLite has none)")
+    leaves = MigrationExecutor(connection).loader.graph.leaf_nodes()
+    assert bundle_storage() == "e"  # EXTERNAL: out of line when large, never compressed
+    try:
+        migrate(("signing_service", "0012_signature_resign_index_without_attempts"))
+        assert bundle_storage() == "x"  # EXTENDED, PostgreSQL's default for text
+    finally:
+        migrate(*leaves)
+    assert bundle_storage() == "e"
