@@ -130,7 +130,7 @@ def _chained(
     }
     digest = entry_hash(**fields)
     fields["created_at"] = now
-    return AuditEntry(entry_hash=digest, **fields)
+    return rows.new(AuditEntry, entry_hash=digest, **fields)
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,13 @@ class SigningRequest(models.Model):
         self.__dict__["_valid_signature"] = sig
 
 
+def _bundle_row(sig: Signature, text: str) -> SignatureBundle:
+    """The bundle row of the saved ``sig``, remembered on it (``sig.bundle`` asks nothing)."""
+    row = rows.new(SignatureBundle, signature_id=sig.pk, json=text)
+    Signature.stored_bundle.related.set_cached_value(sig, row)  # type: ignore[attr-defined]
+    return row
+
+
 class SignatureState(models.TextChoices):
     VALID = "valid"
     SUPERSEDED = "superseded"
@@ -154,7 +161,7 @@ class SignatureQuerySet(models.QuerySet["Signature"]):
         # savepoint=False: inside the caller's transaction this adds no SQL of its own.
         with transaction.atomic(using=self.db, savepoint=False):
             rows.insert([sig])  # the hot signing path: see signing_service.rows
-            rows.insert([SignatureBundle(signature=sig, json=bundle_json)])
+            rows.insert([_bundle_row(sig, bundle_json)])
         return sig
 
     def store_many(self, signed: Iterable[tuple[Signature, str]]) -> list[Signature]:
@@ -164,7 +171,7 @@ class SignatureQuerySet(models.QuerySet["Signature"]):
         with transaction.atomic(using=self.db, savepoint=False):
             sigs = [sig for sig, _ in pairs]
             rows.insert(sigs)
-            rows.insert([SignatureBundle(signature=sig, json=text) for sig, text in pairs])
+            rows.insert([_bundle_row(sig, text) for sig, text in pairs])
         return sigs
 
 

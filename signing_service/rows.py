@@ -15,15 +15,48 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import connections, router
 from django.db.models import Field, Model
+
+M = TypeVar("M", bound=Model)
 
 #: Rows per statement; keeps SQLite's bound-variable limit far away for any model here.
 BATCH = 500
 #: From this many rows on, PostgreSQL receives them by COPY (see :func:`_copy`).
 COPY_FROM = 50
+
+
+def new(model: type[M], **values: Any) -> M:
+    """``model(**values)``, built the way Django builds rows it reads (positionally).
+
+    Values are given by attribute name (``key_id``, not ``key``); missing fields get their
+    defaults, as with keywords. The keyword path looks at every field for each row (about
+    20 us for a Signature here, 6 positionally), and re-signing makes three rows per
+    signature.
+    """
+    args = [
+        values.pop(f.attname) if f.attname in values else f.get_default() for f in _fields(model)
+    ]
+    if values:
+        raise TypeError(f"rows.new: {model.__name__} has no fields {sorted(values)}")
+    return model(*args)
+
+
+def in_model_order(model: type[Model], names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` (attribute names of ``model``'s columns) in the model's field order, as
+    ``Model.from_db`` takes values; a ValueError names any that are not columns."""
+    attnames = [f.attname for f in _fields(model)]
+    unknown = set(names) - set(attnames)
+    if unknown:
+        raise ValueError(f"{model.__name__} has no columns {sorted(unknown)}")
+    return tuple(name for name in attnames if name in names)
+
+
+@functools.cache
+def _fields(model: type[Model]) -> tuple[Field, ...]:
+    return tuple(model._meta.concrete_fields)
 
 
 def insert(objs: Sequence[Model]) -> None:

@@ -14,7 +14,13 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from signing_service import rows
-from signing_service.models import AuditEntry, RequestState, SigningRequest
+from signing_service.models import (
+    AuditEntry,
+    RequestState,
+    Signature,
+    SignatureBundle,
+    SigningRequest,
+)
 
 DIGEST = hashlib.sha256(b"rows").hexdigest()
 
@@ -120,3 +126,45 @@ def test_bad_calls_are_refused_before_any_sql() -> None:
     with pytest.raises(ValueError, match="primary key on all objects or on none"):
         rows.insert([given, entry(3, {})])
     rows.insert([])  # nothing to do
+
+
+def field_values(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        f.attname: getattr(obj, f.attname)
+        for f in type(obj)._meta.concrete_fields
+        if f.attname not in skip
+    }
+
+
+def test_new_builds_the_row_keywords_build() -> None:
+    values = {"request_id": uuid.uuid4(), "key_id": 5, "payload_digest": DIGEST,
+              "signed_at": NOW, "supersedes_id": 3}  # fmt: skip
+    audit_values = {"seq": 3, "created_at": NOW, "actor": "a", "action": "b", "data": {"k": [1]},
+                    "prev_hash": "0", "entry_hash": "1"}  # fmt: skip
+    cases: list[tuple[Any, dict[str, Any], tuple[str, ...]]] = [
+        (Signature, values, ()),
+        (Signature, {"request_id": values["request_id"]}, ("signed_at",)),  # default: now()
+        (SignatureBundle, {"signature_id": 7, "json": "{}"}, ()),
+        (AuditEntry, audit_values, ()),
+        (SigningRequest, {"authority": "staging", "resources": []}, ("id", "created_at")),
+    ]
+    for model, given, made_per_call in cases:
+        built, keywords = rows.new(model, **given), model(**given)
+        assert field_values(built, made_per_call) == field_values(keywords, made_per_call)
+        assert built._state.adding
+    with pytest.raises(TypeError, match="Signature has no fields \\['key'\\]"):
+        rows.new(Signature, key=None)  # by attribute name only (key_id)
+
+
+def test_column_names_come_back_in_the_order_from_db_takes_them() -> None:
+    names = ("requester", "id", "statement_digest", "authority")
+    assert rows.in_model_order(SigningRequest, names) == (
+        "id", "authority", "statement_digest", "requester"
+    )  # fmt: skip
+    fresh = SigningRequest.from_db("default", rows.in_model_order(SigningRequest, names),
+                                   (uuid.UUID(int=1), "staging", DIGEST, "ci@company.com"))  # fmt: skip
+    assert (fresh.authority, fresh.requester, fresh.statement_digest) == (
+        "staging", "ci@company.com", DIGEST
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="SigningRequest has no columns \\['api_tokn'\\]"):
+        rows.in_model_order(SigningRequest, ("api_tokn", "id"))
