@@ -211,7 +211,7 @@ class Signature(models.Model):
         blank=True,
         on_delete=models.PROTECT,
         related_name="+",
-        db_index=False,  # sig_resign_planned starts with it
+        db_index=False,  # sig_resign_open starts with it
     )
     resign_attempts = models.PositiveSmallIntegerField(default=0)
 

@@ -168,3 +168,22 @@ def test_column_names_come_back_in_the_order_from_db_takes_them() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="SigningRequest has no columns \\['api_tokn'\\]"):
         rows.in_model_order(SigningRequest, ("api_tokn", "id"))
+
+
+@pytest.mark.django_db
+def test_a_stored_signature_knows_its_bundle_without_a_query() -> None:
+    req = request("4.0.0")
+    rows.insert([req])
+    one = Signature.objects.store(Signature(request=req, payload_digest=DIGEST), '{"one": 1}')
+    many = Signature.objects.store_many(
+        (Signature(request=req, payload_digest=DIGEST), f'{{"n": {n}}}') for n in range(3)
+    )
+    with CaptureQueriesContext(connection) as queries:
+        assert [s.bundle for s in (one, *many)] == [
+            '{"one": 1}',
+            '{"n": 0}',
+            '{"n": 1}',
+            '{"n": 2}',
+        ]
+    assert queries.captured_queries == []
+    assert [Signature.objects.get(pk=s.pk).bundle for s in many] == [s.bundle for s in many]
