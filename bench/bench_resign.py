@@ -176,8 +176,9 @@ def run(n: int, worker, cluster) -> None:  # type: ignore[no-untyped-def]
 
     load_before = os.getloadavg()
     cpu_before = cpu_now(worker, cluster)
-    began = time.perf_counter()
+    began, began_at = time.perf_counter(), timezone.now()
     new = new_key()  # plans the batch after its commit and sends it to the worker
+    sent = time.perf_counter() - began
     batch = ResignBatch.objects.get(new_key=new)
     while ResignBatch.objects.get(pk=batch.pk).state != "completed":
         time.sleep(0.1)
@@ -190,6 +191,22 @@ def run(n: int, worker, cluster) -> None:  # type: ignore[no-untyped-def]
 
     bare = bare_loop(new, n)
     report(n, made, quarantine, resign, bare, cpu, load_before)
+    print(timeline(new, began_at, sent, resign))
+
+
+def timeline(new, began_at, sent: float, resign: float) -> str:  # type: ignore[no-untyped-def]
+    """When the re-signatures were made, in seconds after activation: where the wall time of
+    a run went besides signing (planning, the worker's start, a tail with one process busy)."""
+    from django.db.models import Max, Min
+
+    from signing_service.models import Signature
+
+    times = Signature.objects.filter(key=new).aggregate(
+        first=Min("signed_at"), last=Max("signed_at")
+    )
+    first, last = ((times[k] - began_at).total_seconds() for k in ("first", "last"))
+    return (f"timeline, s after activation: key active, batch planned and sent +{sent:.1f}; "
+            f"first re-signature +{first:.1f}; last +{last:.1f}; batch completed +{resign:.1f}")  # fmt: skip
 
 
 def new_key():  # type: ignore[no-untyped-def]

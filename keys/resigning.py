@@ -99,7 +99,10 @@ def remaining(batch: ResignBatch) -> QuerySet[Signature]:
 def _needing(old: SigningKey, new: SigningKey, reason: str) -> QuerySet[Signature]:
     """Signatures of ``old`` that need a new key and no batch for ``new`` covers yet."""
     state = SignatureState.QUARANTINED if reason == Reason.REVOCATION else SignatureState.VALID
-    return Signature.objects.filter(key=old, state=state).exclude(resign_batch__new_key=new)
+    # The covering batches' ids, not a join: with a join the UPDATE that plans a batch
+    # becomes "WHERE id IN (SELECT ...)", a second pass over the old key's signatures.
+    covered = list(ResignBatch.objects.filter(new_key=new).values_list("pk", flat=True))
+    return Signature.objects.filter(key=old, state=state).exclude(resign_batch__in=covered)
 
 
 def resigned_count(batch: ResignBatch) -> int:

@@ -10,6 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from keys import registry, resigning
@@ -124,3 +126,22 @@ def test_an_unplanned_signature_is_left_alone(active_keys: Any) -> None:
     assert resigning.resign_one(sig.pk) == "not_planned"
     assert resigning.resign_one(10**9) == "not_planned"
     assert Signature.objects.get(pk=sig.pk).state == "valid"
+
+
+def test_planning_leaves_out_what_a_batch_for_the_new_key_covers(planned: Any) -> None:
+    batch, sigs = planned
+    old, new = batch.old_key, batch.new_key
+    (later,) = bulk_signed(old, 1, start=timezone.now() - timedelta(minutes=30),
+                           step=timedelta(0), prefix="later")  # fmt: skip
+    with CaptureQueriesContext(connection) as queries:
+        needing = resigning._needing(old, new, "rotation")
+    assert len(queries.captured_queries) == 1  # the covering batches, read at once
+    assert [s.pk for s in needing] == [later.pk]
+    other = SigningKey.objects.exclude(pk__in=(old.pk, new.pk)).first()
+    assert sorted(resigning._needing(old, other, "rotation").values_list("pk", flat=True)) == (
+        sorted([*(s.pk for s in sigs), later.pk])
+    )
+    # Planning's UPDATE names the rows directly: no "id IN (SELECT ...)" second pass.
+    with CaptureQueriesContext(connection) as queries:
+        resigning._needing(old, other, "rotation").update(resign_attempts=0)
+    assert "SELECT" not in queries.captured_queries[-1]["sql"]
