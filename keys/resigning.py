@@ -37,7 +37,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mass_mail
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.db.models import F, QuerySet
 from django.urls import reverse
 from django.utils import timezone
@@ -637,9 +637,18 @@ def _sign(
 
 
 def _lock_if_active(key: SigningKey) -> bool:
-    """Lock the new key's row as revocation locks it; False if it is no longer active (a key
-    revoked while we signed stores nothing)."""
-    return SigningKey.objects.select_for_update().filter(pk=key.pk, state=KeyState.ACTIVE).exists()
+    """Share-lock the new key's row; False if it is no longer active (a key revoked while we
+    signed stores nothing). Revocation takes the row FOR UPDATE, so it waits for the stores
+    under way and the stores after it see the key revoked; two stores do not wait for each
+    other here (the audit chain's head orders their ends)."""
+    if connection.vendor != "postgresql":  # SQLite: one writer at a time anyway
+        return SigningKey.objects.filter(pk=key.pk, state=KeyState.ACTIVE).exists()
+    with connection.cursor() as cursor:  # the ORM has FOR UPDATE, not FOR SHARE
+        cursor.execute(
+            "SELECT 1 FROM keys_signingkey WHERE id = %s AND state = %s FOR SHARE",
+            [key.pk, KeyState.ACTIVE],
+        )
+        return cursor.fetchone() is not None
 
 
 class _Lost(Exception):

@@ -23,8 +23,9 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from approvals.services import decide
-from keys import ceremonies
+from keys import ceremonies, resigning
 from keys.models import CeremonyState, KeyState, SigningKey
+from keys.revocation import revoke
 from signing_service.models import Signature, SigningRequest
 from signing_service.signing import SigningRefused, sign
 from tests.fixtures_service import authed, request_body
@@ -176,3 +177,42 @@ def test_a_second_signer_waits_for_the_claim_and_signs_nothing(
         other = Waiting(lambda: sign(pk))  # its conditional UPDATE waits on our row lock
     assert other.result().state == "signed"  # re-checked after our commit: nothing to claim
     assert Signature.objects.filter(request_id=pk).count() == 1
+
+
+def on_another_connection(call: Callable[[], T]) -> T:
+    """``call`` on its own connection, refused if it would wait 5 s for a lock."""
+    result: queue.Queue[Any] = queue.Queue()
+
+    def run() -> None:
+        try:
+            with transaction.atomic():
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL lock_timeout = '5s'")
+                result.put(call())
+        except BaseException as exc:
+            result.put(exc)
+        finally:
+            connection.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    outcome = result.get(timeout=30)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome  # type: ignore[no-any-return]
+
+
+def test_chunk_stores_share_the_new_key_and_its_revocation_waits_for_them(
+    active_keys: Any,
+) -> None:
+    key = active_keys["staging"]
+    with transaction.atomic():
+        assert resigning._lock_if_active(key)  # a chunk's store transaction, under way
+        # Another worker process's store goes on at once (not one store at a time) ...
+        assert on_another_connection(lambda: resigning._lock_if_active(key)) is True
+        # ... but revoking the key waits until the stores under way are committed.
+        revoking = Waiting(
+            lambda: revoke(key.pk, reason="compromised", effective_at=None, actor="ir@tests")
+        )
+    assert revoking.result().key_id == key.pk
+    with transaction.atomic():
+        assert not resigning._lock_if_active(key)  # stores after it store nothing
