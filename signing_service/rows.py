@@ -37,7 +37,8 @@ def new(model: type[M], **values: Any) -> M:
     signature.
     """
     args = [
-        values.pop(f.attname) if f.attname in values else f.get_default() for f in _fields(model)
+        values.pop(f.attname) if f.attname in values else f.get_default()
+        for f in model._meta.concrete_fields
     ]
     if values:
         raise TypeError(f"rows.new: {model.__name__} has no fields {sorted(values)}")
@@ -47,16 +48,11 @@ def new(model: type[M], **values: Any) -> M:
 def in_model_order(model: type[Model], names: Sequence[str]) -> tuple[str, ...]:
     """``names`` (attribute names of ``model``'s columns) in the model's field order, as
     ``Model.from_db`` takes values; a ValueError names any that are not columns."""
-    attnames = [f.attname for f in _fields(model)]
+    attnames = [f.attname for f in model._meta.concrete_fields]
     unknown = set(names) - set(attnames)
     if unknown:
         raise ValueError(f"{model.__name__} has no columns {sorted(unknown)}")
     return tuple(name for name in attnames if name in names)
-
-
-@functools.cache
-def _fields(model: type[Model]) -> tuple[Field, ...]:
-    return tuple(model._meta.concrete_fields)
 
 
 def insert(objs: Sequence[Model]) -> None:
