@@ -8,8 +8,10 @@ GET / for an approver, beside a bare Django view that renders the same template 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["VAR_DIR"] = tempfile.mkdtemp(prefix="bench-dashboard-")
 os.makedirs(os.path.join(os.environ["VAR_DIR"], "static"))
+atexit.register(shutil.rmtree, os.environ["VAR_DIR"], ignore_errors=True)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "signing_service.settings")
 os.environ.setdefault("ALLOWED_HOSTS", "testserver")
 
