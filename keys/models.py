@@ -47,6 +47,27 @@ class SigningKeyManager(models.Manager["SigningKey"]):
         )
         return next(iter(self.raw(sql, [authority, KeyState.ACTIVE, when, when])), None)
 
+    def lock_if_active(self, key_id: int) -> bool:
+        """In the transaction that stores a signature made with key ``key_id``, before
+        anything else: share-lock the key's row; False if it is no longer active.
+
+        The HSM call holds no lock, so the key may have been revoked (or rotated) since it
+        was looked up. Revocation and every other state change take the row FOR UPDATE:
+        they wait for the stores under way (and so quarantine what those stored), and the
+        stores after them see the key no longer active and store nothing. Two stores do not
+        wait for each other here. SQLite has one writer at a time, so a plain read does.
+        """
+        connection = connections[self.db]
+        if connection.vendor != "postgresql":
+            return self.filter(pk=key_id, state=KeyState.ACTIVE).exists()
+        table = connection.ops.quote_name(self.model._meta.db_table)
+        with connection.cursor() as cursor:  # the ORM has FOR UPDATE, not FOR SHARE
+            cursor.execute(
+                f"SELECT 1 FROM {table} WHERE id = %s AND state = %s FOR SHARE",  # noqa: S608
+                [key_id, KeyState.ACTIVE],
+            )
+            return cursor.fetchone() is not None
+
 
 class SigningKey(models.Model):
     authority = models.CharField(max_length=64, db_index=True)

@@ -37,7 +37,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mass_mail
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import F, QuerySet
 from django.urls import reverse
 from django.utils import timezone
@@ -636,21 +636,6 @@ def _sign(
     return _Built(payload, _bundle_json(key, payload, der), signed_at), reason
 
 
-def _lock_if_active(key: SigningKey) -> bool:
-    """Share-lock the new key's row; False if it is no longer active (a key revoked while we
-    signed stores nothing). Revocation takes the row FOR UPDATE, so it waits for the stores
-    under way and the stores after it see the key revoked; two stores do not wait for each
-    other here (the audit chain's head orders their ends)."""
-    if connection.vendor != "postgresql":  # SQLite: one writer at a time anyway
-        return SigningKey.objects.filter(pk=key.pk, state=KeyState.ACTIVE).exists()
-    with connection.cursor() as cursor:  # the ORM has FOR UPDATE, not FOR SHARE
-        cursor.execute(
-            "SELECT 1 FROM keys_signingkey WHERE id = %s AND state = %s FOR SHARE",
-            [key.pk, KeyState.ACTIVE],
-        )
-        return cursor.fetchone() is not None
-
-
 class _Lost(Exception):
     """Rolls back a re-signature whose old signature someone else already superseded."""
 
@@ -660,7 +645,7 @@ def _store(sig: _Old, batch: ResignBatch, built: _Built, reason: str) -> str:
     key = batch.new_key
     try:
         with transaction.atomic():
-            if not _lock_if_active(key):
+            if not SigningKey.objects.lock_if_active(key.pk):
                 raise _Lost
             moved = Signature.objects.filter(pk=sig.pk, state=sig.state, resign_batch=batch).update(
                 state=SignatureState.SUPERSEDED
@@ -688,7 +673,7 @@ def _store_many(batch: ResignBatch, built: list[tuple[_Old, _Built, str]]) -> di
     key = batch.new_key
     try:
         with transaction.atomic():
-            if not _lock_if_active(key):
+            if not SigningKey.objects.lock_if_active(key.pk):
                 return {"done": len(built)}
             by_state: dict[str, list[int]] = {}
             for sig, _, _ in built:

@@ -346,23 +346,49 @@ def _create_signed(
     nothing another caller could claim: a concurrent retry with the same Idempotency-Key
     signs too, its INSERT waits on the unique index and loses (IntegrityError, answered
     with the first request by :func:`submit`); an unstored signature is never published.
+    The store share-locks the key first: a key revoked or rotated since it signed stores
+    nothing, and the request is signed again with the key active then (or waits for one).
     Not signed now (no active key, backend down, refused): the request is stored as any
     other and waits or fails with its reason, as :func:`sign` leaves it.
     """
     req, record, base = _new_request(principal, authority, sub, digest, key, RequestState.SIGNING)
-    try:
-        signing_key, payload, der, provenance = _signature_for(req, base)
-    except _NOT_SIGNED as exc:
-        _insert_created(principal, req, sub, record, RequestState.APPROVED)
-        return _not_signed(req, exc)
+    for _ in range(_SIGN_ATTEMPTS):
+        try:
+            signing_key, payload, der, provenance = _signature_for(req, base)
+        except _NOT_SIGNED as exc:
+            _insert_created(principal, req, sub, record, RequestState.APPROVED)
+            return _not_signed(req, exc)
+        try:
+            return _store_created(
+                principal, req, sub, record, signing_key, payload, der, provenance
+            )
+        except _KeyChanged as exc:
+            changed = exc  # nothing stored: sign again with the key active now, if any
+    _insert_created(principal, req, sub, record, RequestState.APPROVED)
+    return _wait(req, str(changed))
+
+
+def _store_created(
+    principal: Principal,
+    req: SigningRequest,
+    sub: Submission,
+    record: ProvenanceRecord | None,
+    signing_key: SigningKey,
+    payload: bytes,
+    der: bytes,
+    provenance: tuple[bytes, bytes] | None,
+) -> SigningRequest:
+    """:func:`_create_signed`'s one transaction; :class:`_KeyChanged` before it writes."""
     now = timezone.now()
-    req.state, req.signed_at = RequestState.SIGNED, now
     sig = Signature(
         request=req, key=signing_key, payload_digest=bundle.payload_digest(payload), signed_at=now
     )
     bundle_json = _bundle_json(signing_key, payload, der)
     provenance_json = _bundle_json(signing_key, *provenance) if provenance else None
     with transaction.atomic():
+        if not SigningKey.objects.lock_if_active(signing_key.pk):
+            raise _KeyChanged(signing_key)
+        req.state, req.signed_at = RequestState.SIGNED, now
         _insert_request(req, record)
         Signature.objects.store(sig, bundle_json)
         audit.record_each(
@@ -544,11 +570,16 @@ def sign(request_id: Any) -> SigningRequest:
 
 def _sign_claimed(req: SigningRequest) -> SigningRequest:
     """Sign a request this caller moved to ``signing``; store, wait or fail it."""
-    try:
-        key, payload, der, provenance = _signature_for(req)
-    except _NOT_SIGNED as exc:
-        return _not_signed(req, exc)
-    return _store(req, key, payload, der, provenance)
+    for _ in range(_SIGN_ATTEMPTS):
+        try:
+            key, payload, der, provenance = _signature_for(req)
+        except _NOT_SIGNED as exc:
+            return _not_signed(req, exc)
+        try:
+            return _store(req, key, payload, der, provenance)
+        except _KeyChanged as exc:
+            changed = exc  # nothing stored: sign again with the key active now, if any
+    return _wait(req, str(changed))
 
 
 def _signature_for(
@@ -572,6 +603,21 @@ def _signature_for(
 
 #: Why a request is not signed now: it waits (no key, backend down) or fails.
 _NOT_SIGNED = (NoActiveKey, BackendUnavailable, SigningRefused, KeyBackendError)
+
+#: Signing and storing tries for one request: a key can stop being active between the HSM
+#: call and the store (revoked, rotated); then it is signed again with the key active then.
+_SIGN_ATTEMPTS = 2
+
+
+class _KeyChanged(Exception):
+    """The key stopped being active after it signed: nothing was stored (see
+    :meth:`keys.models.SigningKeyManager.lock_if_active`)."""
+
+    def __init__(self, key: SigningKey) -> None:
+        super().__init__(
+            f"key {key.hint[:16]} of {key.authority!r} stopped being active (revoked or "
+            "rotated) while the request was signed; it is signed once a key is active"
+        )
 
 
 def _not_signed(req: SigningRequest, exc: Exception) -> SigningRequest:
@@ -739,10 +785,14 @@ def _record_signature(
     """Signature, its audit record and the state change: one transaction, or none of them.
 
     With ``provenance_bundle``, the provenance's bundle and its audit record join them.
+    A key no longer active (revoked or rotated since it signed) raises :class:`_KeyChanged`
+    before anything is written.
     """
     now = timezone.now()
     try:
         with transaction.atomic():
+            if key is not None and not SigningKey.objects.lock_if_active(key.pk):
+                raise _KeyChanged(key)
             sig = Signature.objects.store(
                 Signature(
                     request=req,

@@ -18,6 +18,7 @@ pytest_plugins = [
 POSTGRES_MODULES = frozenset(
     {
         "test_postgres_locking",
+        "test_key_changes_while_signing",
         "test_approval_concurrency",
         "test_idempotency",
         "test_key_ceremony",

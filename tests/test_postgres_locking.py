@@ -23,7 +23,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from approvals.services import decide
-from keys import ceremonies, resigning
+from keys import ceremonies
 from keys.models import CeremonyState, KeyState, SigningKey
 from keys.revocation import revoke
 from signing_service.models import Signature, SigningRequest
@@ -201,18 +201,18 @@ def on_another_connection(call: Callable[[], T]) -> T:
     return outcome  # type: ignore[no-any-return]
 
 
-def test_chunk_stores_share_the_new_key_and_its_revocation_waits_for_them(
+def test_signature_stores_share_the_key_and_its_revocation_waits_for_them(
     active_keys: Any,
 ) -> None:
     key = active_keys["staging"]
     with transaction.atomic():
-        assert resigning._lock_if_active(key)  # a chunk's store transaction, under way
-        # Another worker process's store goes on at once (not one store at a time) ...
-        assert on_another_connection(lambda: resigning._lock_if_active(key)) is True
+        assert SigningKey.objects.lock_if_active(key.pk)  # a store under way (API, worker, chunk)
+        # Another process's store goes on at once (not one store at a time) ...
+        assert on_another_connection(lambda: SigningKey.objects.lock_if_active(key.pk)) is True
         # ... but revoking the key waits until the stores under way are committed.
         revoking = Waiting(
             lambda: revoke(key.pk, reason="compromised", effective_at=None, actor="ir@tests")
         )
     assert revoking.result().key_id == key.pk
     with transaction.atomic():
-        assert not resigning._lock_if_active(key)  # stores after it store nothing
+        assert not SigningKey.objects.lock_if_active(key.pk)  # stores after it store nothing
