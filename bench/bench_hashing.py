@@ -26,6 +26,11 @@ MS_INPROC = (
     "import sys, time; from model_signing import hashing; t = time.perf_counter(); "
     "hashing.Config().hash(sys.argv[1]); print(time.perf_counter() - t)"
 )
+#: The same for modelsign: its hashing function, timed inside the process, as the CLI calls it.
+OURS_INPROC = (
+    "import sys, time; from signing_service.client import hashing; t = time.perf_counter(); "
+    "hashing.hash_model(sys.argv[1]); print(time.perf_counter() - t)"
+)
 
 
 def build_model(root: Path, large: int, large_mib: int, small: int) -> list[Path]:
@@ -71,25 +76,31 @@ def main() -> None:
             "openssl dgst -sha256": ["openssl", "dgst", "-sha256", *map(str, files)],
             "modelsign hash (whole process)": [PY, "-m", "signing_service.client", "hash", str(model), "--no-progress"],
             "model_signing hashing (whole process)": [PY, "-c", MS_INPROC, str(model)],
+            "modelsign hashing (whole process, timed inside)": [PY, "-c", OURS_INPROC, str(model)],
         }  # fmt: skip
         for cmd in contenders.values():
             run(cmd)  # warm the page cache and bytecode
-        results: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
-        ms_inproc: list[float] = []
+        results: dict[str, list[tuple[float, float]]] = {
+            k: [] for k in contenders if "timed inside" not in k
+        }
+        inside: dict[str, list[float]] = {"model_signing": [], "modelsign": []}
         for _ in range(args.runs):
             for name, cmd in contenders.items():
                 wall, rss, out = run(cmd)
-                results[name].append((wall, rss))
                 if name.startswith("model_signing"):
-                    ms_inproc.append(float(out.strip()))
-        report(results, ms_inproc, total, len(files), args.runs)
+                    inside["model_signing"].append(float(out.strip()))
+                if "timed inside" in name:
+                    inside["modelsign"].append(float(out.strip()))
+                    continue  # only its inside time is reported
+                results[name].append((wall, rss))
+        report(results, inside, total, len(files), args.runs)
     finally:
         shutil.rmtree(tmp)
 
 
 def report(
     results: dict[str, list[tuple[float, float]]],
-    ms_inproc: list[float],
+    inside: dict[str, list[float]],
     total: int,
     n: int,
     runs: int,
@@ -98,22 +109,28 @@ def report(
         f"model: {n} files, {total / 2**20:.0f} MiB; {os.cpu_count()} CPUs; {runs} interleaved runs, warm cache"
     )
     med = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
-    med["model_signing hashing (in-process, no import)"] = statistics.median(ms_inproc)
+    med["model_signing hashing (in-process, no import)"] = statistics.median(
+        inside["model_signing"]
+    )
+    med["modelsign hashing (in-process, no import)"] = statistics.median(inside["modelsign"])
     for name, seconds in med.items():
         rss = max((r for _, r in results.get(name, [])), default=float("nan"))
         print(
             f"  {name:46s} {seconds:7.3f} s  {total / seconds / 1e6:6.0f} MB/s  peak RSS {rss:5.0f} MB"
         )
     ours = med["modelsign hash (whole process)"]
+    theirs = med["model_signing hashing (in-process, no import)"]
     print(
-        f"modelsign / openssl throughput:                    {med['openssl dgst -sha256'] / ours:.2f}x (target >= 0.95)"
+        f"modelsign / openssl throughput:                     {med['openssl dgst -sha256'] / ours:.2f}x (target >= 0.95)"
+    )
+    print("modelsign / model_signing hashing (target >= 1.1):")
+    print(
+        f"  in process, both (the hashing alone):             {theirs / med['modelsign hashing (in-process, no import)']:.2f}x"
     )
     print(
-        f"modelsign / model_signing (in-process) throughput: {med['model_signing hashing (in-process, no import)'] / ours:.2f}x (target >= 1.1)"
+        f"  whole processes, both (start-up and imports too): {med['model_signing hashing (whole process)'] / ours:.2f}x"
     )
-    print(
-        f"modelsign / model_signing (whole process):         {med['model_signing hashing (whole process)'] / ours:.2f}x"
-    )
+    print(f"  modelsign whole process / model_signing in process (strictest): {theirs / ours:.2f}x")
 
 
 if __name__ == "__main__":

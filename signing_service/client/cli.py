@@ -1048,9 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _verify_options(p: argparse.ArgumentParser) -> None:
-    from signing_service.client.trust import TrustError, parse_time
-
     def when(text: str) -> datetime:
+        # Imported when a time is given: every command builds this parser (10 ms at start-up).
+        from signing_service.client.trust import TrustError, parse_time
+
         try:
             return parse_time(text)
         except TrustError as exc:
