@@ -93,8 +93,10 @@ class SigningRequest(models.Model):
             )
         ]
         indexes = [
+            # The approver listings' order (newest first, id breaking ties): a page is read
+            # from the index and stops after its rows, however many requests are pending.
             models.Index(
-                fields=["authority", "state", "-created_at"], name="req_auth_state_created"
+                fields=["authority", "state", "-created_at", "-id"], name="req_auth_state_created"
             ),
             models.Index(
                 fields=["model_name", "authority", "-created_at"], name="req_model_created"

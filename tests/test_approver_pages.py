@@ -59,6 +59,27 @@ def test_the_dashboard_query_count_does_not_grow(make_user: Any) -> None:
     assert 0 < counts[0] == counts[1], counts
 
 
+def test_a_dashboard_page_is_read_in_index_order_without_sorting_the_listing(
+    make_user: Any,
+) -> None:
+    # All pending at the same instant: only the id orders them, as in a burst of CI jobs.
+    make_pending(300)
+    client = login(make_user("alice"))
+    with CaptureQueriesContext(connection) as ctx:
+        assert client.get("/").status_code == 200
+    (listing,) = [
+        q["sql"]
+        for q in ctx.captured_queries
+        if q["sql"].startswith('SELECT "signing_service_signingrequest"."id"')
+        and "LIMIT 25" in q["sql"]
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN QUERY PLAN " + listing)
+        plan = " / ".join(str(row[-1]) for row in cursor.fetchall())
+    assert "req_auth_state_created" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # a sort would read every pending row first
+
+
 def test_a_user_in_no_approver_group_sees_nothing(make_user: Any) -> None:
     make_pending(3)
     req = SigningRequest.objects.first()
