@@ -202,7 +202,9 @@ class Signature(models.Model):
     state = models.CharField(
         max_length=16, choices=SignatureState.choices, default=SignatureState.VALID
     )
-    signed_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # No index of its own: every UPDATE of a signature (quarantine, supersede) that is not
+    # HOT writes an entry in every index; (key, signed_at) serves the queries by time.
+    signed_at = models.DateTimeField(default=timezone.now)
     supersedes = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="superseded_by"
     )

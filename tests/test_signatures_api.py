@@ -53,6 +53,19 @@ def test_filters_and_scoping(api: Any, issue_token: Any, active_keys: Any, make_
 
 
 @pytest.mark.django_db
+def test_signatures_are_listed_newest_first_and_paged(
+    api: Any, issue_token: Any, active_keys: Any
+) -> None:
+    token = issue_token()
+    ids = [sign(api, token, str(v))["id"] for v in range(5)]
+    first = authed(api, token).get(f"{URL}?limit=3").json()
+    rest = authed(api, token).get(f"{URL}?limit=3&offset=3").json()
+    assert first["count"] == rest["count"] == 5
+    listed = [r["request"] for r in first["results"] + rest["results"]]
+    assert listed == ids[::-1]
+
+
+@pytest.mark.django_db
 def test_quarantined_signatures_are_listed_as_such(
     api: Any, issue_token: Any, active_keys: Any
 ) -> None:

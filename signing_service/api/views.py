@@ -364,7 +364,9 @@ class SignatureListView(APIView):
             _bounded(params.get("limit"), 100, 1000),
             _bounded(params.get("offset"), 0, 10**9),
         )
-        page = list(qs.order_by("-signed_at", "-id")[offset : offset + limit])
+        # Newest first: ids grow as signatures are stored (the primary key's index, read
+        # backwards, serves the page).
+        page = list(qs.order_by("-id")[offset : offset + limit])
         data = SignatureSerializer(page, many=True, context={"request": request}).data
         return Response({"count": qs.count(), "limit": limit, "offset": offset, "results": data})
 
