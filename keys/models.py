@@ -55,15 +55,19 @@ class SigningKeyManager(models.Manager["SigningKey"]):
         was looked up. Revocation and every other state change take the row FOR UPDATE:
         they wait for the stores under way (and so quarantine what those stored), and the
         stores after them see the key no longer active and store nothing. Two stores do not
-        wait for each other here. SQLite has one writer at a time, so a plain read does.
+        wait for each other here. SQLite has one writer at a time (IMMEDIATE transactions,
+        signing_service/env.py), so a plain read does.
         """
         connection = connections[self.db]
         if connection.vendor != "postgresql":
             return self.filter(pk=key_id, state=KeyState.ACTIVE).exists()
-        table = connection.ops.quote_name(self.model._meta.db_table)
+        meta, quote = self.model._meta, connection.ops.quote_name
+        table, pk, state = (
+            quote(meta.db_table), quote(meta.pk.column), quote(meta.get_field("state").column)
+        )  # fmt: skip
         with connection.cursor() as cursor:  # the ORM has FOR UPDATE, not FOR SHARE
             cursor.execute(
-                f"SELECT 1 FROM {table} WHERE id = %s AND state = %s FOR SHARE",  # noqa: S608
+                f"SELECT 1 FROM {table} WHERE {pk} = %s AND {state} = %s FOR SHARE",  # noqa: S608
                 [key_id, KeyState.ACTIVE],
             )
             return cursor.fetchone() is not None
