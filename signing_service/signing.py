@@ -615,7 +615,7 @@ class _KeyChanged(Exception):
 
     def __init__(self, key: SigningKey) -> None:
         super().__init__(
-            f"key {key.hint[:16]} of {key.authority!r} stopped being active (revoked or "
+            f"key {key.fingerprint} of {key.authority!r} stopped being active (revoked or "
             "rotated) while the request was signed; it is signed once a key is active"
         )
 
