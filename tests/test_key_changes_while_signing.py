@@ -141,7 +141,8 @@ def test_keys_that_keep_changing_leave_the_request_waiting_after_two_tries(
     monkeypatch.setattr(SigningKey.objects, "lock_if_active", lambda key_id: False)
     made = after_the_hsm_signs(monkeypatch, lambda: None)
     if path == "submission":
-        state, reason = (lambda b: (b["state"], b["waiting_reason"]))(submit(issue_token))
+        body = submit(issue_token)
+        state, reason = body["state"], body["waiting_reason"]
     else:
         done = signing.sign(approved_request().pk)
         state, reason = done.state, done.waiting_reason
